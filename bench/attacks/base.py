@@ -1,0 +1,67 @@
+"""The attack adapter base class and registry.
+
+An adapter only perturbs: it receives the model the threat model allows (defended model, BPDA copy or
+substitute) as one ``nn.Module`` on [0, 1] inputs, a batch, the labels, eps and optional target labels, and
+returns adversarial inputs. It never prints, writes files or scores itself: the runner clips the result to
+[0, 1] and to the eps ball and recomputes success on the real defended model (foolbox 3's rule: do not trust
+the attack). Device and eval mode are the runner's business too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bench.registry import Component, Param, Registry
+
+TARGET_MODES = ("none", "random", "next", "least_likely", "all")
+
+
+def target_param(default: str = "none", modes: tuple[str, ...] = TARGET_MODES) -> Param:
+    """The ``target`` parameter: ``none`` (untargeted) or how target labels are chosen (never the true label)."""
+    return Param("target", str, default, "untargeted (none) or target choice: random (seeded), next ((y+1) mod 10), "
+                 "least_likely (lowest logit on the attacked model), all (every other class)", choices=modes)
+
+
+class Attack(Component):
+    """Base of attack adapters.
+
+    Class attributes: ``norm`` of the perturbation (``linf``, ``l2``, ``l0``); ``bounded`` attacks take the
+    suite's ``eps`` list, minimum-norm attacks do not (``clip_param`` names a parameter that bounds their L∞
+    size instead, e.g. ``cw_l2``'s ``clip_linf``); ``gradient`` attacks need the model's gradients (so they run
+    on the substitute under ``blackbox`` and through BPDA under ``bpda``); ``iterative`` separates multi-step from
+    single-step attacks for the ``single>iter`` red flag; ``check_convergence`` attacks (with a ``steps``
+    parameter) are re-run with doubled steps at the largest eps for the ``not-converged`` red flag.
+    """
+
+    norm: ClassVar[str] = "linf"
+    bounded: ClassVar[bool] = True
+    gradient: ClassVar[bool] = True
+    iterative: ClassVar[bool] = True
+    clip_param: ClassVar[str | None] = None
+    check_convergence: ClassVar[bool] = False
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    @property
+    def target_mode(self) -> str:
+        return self.values.get("target", "none")
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
+                target: torch.Tensor | None) -> torch.Tensor:
+        """Adversarial versions of ``x`` (labels ``y``); ``target`` holds target labels when targeted."""
+        raise NotImplementedError
+
+    @staticmethod
+    def torchattacks_call(attack: Any, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """Run a torchattacks attack untargeted on ``y`` or targeted on ``target`` (its 'by label' mode)."""
+        if target is None:
+            return attack(x, y)
+        attack.set_mode_targeted_by_label(quiet=True)
+        return attack(x, target)
+
+
+REGISTRY: Registry[Attack] = Registry("attack", Attack, "bench.attacks")

@@ -1,0 +1,235 @@
+"""The ``bench`` command line. Exit codes: 0 success, 1 some cells failed, 2 bad input (one line, no
+traceback), 130 interrupted by Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import __version__
+from bench.errors import BenchError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _device(choice: str | None) -> str:
+    import torch
+
+    if choice:
+        if choice.startswith("cuda") and not torch.cuda.is_available():
+            raise BenchError(f"--device {choice}: CUDA is not available on this machine")
+        return choice
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _data_dir(arg: str | None) -> str | None:
+    """An explicitly named data directory (--data-dir or $BENCH_DATA_DIR) must exist."""
+    named = arg or os.environ.get("BENCH_DATA_DIR")
+    if named and not Path(named).expanduser().is_dir():
+        source = "--data-dir" if arg else "BENCH_DATA_DIR"
+        raise BenchError(f"data directory {named} ({source}) does not exist; it should hold mnist/ and/or "
+                         f"cifar-10-batches-py/")
+    return named
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench.evaluate import Settings
+    from bench.runner import default_out, run
+    from bench.suite import load_suite
+
+    suite = load_suite(args.suite)
+    settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device),
+                        strict_data=args.strict_data)
+    torch.set_num_threads(_threads())
+    executor = None
+    if args.executor == "ray":
+        from bench.ray_executor import RayExecutor
+
+        executor = RayExecutor(address=args.address, cpus_per_cell=args.cpus_per_cell,
+                               gpus_per_cell=args.gpus_per_cell)
+    out = Path(args.out) if args.out else default_out(suite, args.limit)
+    summary = run(suite, out, settings, limit=args.limit, fresh=args.fresh, executor=executor,
+                  progress=not args.no_progress)
+    print(summary.describe())
+    for error in summary.errors:
+        print(f"  failed: {error}", file=sys.stderr)
+    print(f"leaderboard: {out / 'leaderboard.md'}")
+    return summary.exit_code
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bench.data import FILES, SUBDIR, resolve_dir
+    from bench.grid import expand
+    from bench.suite import load_suite
+
+    suite = load_suite(args.suite)
+    cells = expand(suite)
+    named = _data_dir(args.data_dir)
+    root = resolve_dir(named)
+    for dataset in suite.datasets:
+        missing = [f for f in FILES[dataset] if not (root / SUBDIR[dataset] / f).is_file()]
+        if missing and named:
+            raise BenchError(f"{dataset.value} files missing in {root / SUBDIR[dataset]}: {', '.join(missing)}")
+        if missing:
+            print(f"note: {dataset.value} files are not in {root} yet; bench run will try to download them")
+    print(f"{suite.source}: ok — suite {suite.name!r}: {len(suite.datasets)} dataset(s), {len(suite.defenses)} "
+          f"defense(s), {len(suite.attacks)} attack(s), {len(cells)} cells")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from bench.attacks import REGISTRY as ATTACKS
+    from bench.registry import fmt_value
+    from defenses import REGISTRY as DEFENSES
+
+    for title, registry in (("Defenses", DEFENSES), ("Attacks", ATTACKS)):
+        print(f"{title}\n")
+        for cls in registry:
+            traits = []
+            if title == "Attacks":
+                traits = [cls.norm, "eps grid" if cls.bounded else "minimum-norm",
+                          "gradient" if cls.gradient else "gradient-free"]
+            elif cls.bpda_variants:
+                traits = ["bpda backward: " + "/".join(cls.bpda_variants)]
+            print(f"  {cls.name}: {cls.summary()}" + (f"  [{', '.join(traits)}]" if traits else ""))
+            rows = [[p.name, fmt_value(p.default) if not hasattr(p.default, "mnist") else str(p.default),
+                     p.describe(), p.doc] for p in cls.params]
+            if rows:
+                table = tabulate(rows, headers=["parameter", "default", "accepts", "meaning"], tablefmt="simple",
+                                 maxcolwidths=[None, 18, 30, 60])
+                print("\n".join("    " + line for line in table.splitlines()))
+            print()
+    print("Threat models: whitebox, blackbox, bpda (see README, 'Threat models').")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench import leaderboard
+
+    out = Path(args.dir)
+    if not (out / "cells.jsonl").is_file():
+        raise BenchError(f"{out / 'cells.jsonl'} does not exist: run a suite into {out} first")
+    path = leaderboard.write(out)
+    print(f"wrote {path} and {out / 'cells.csv'}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from bench import flags
+    from bench.results import read_records
+
+    path = Path(args.dir) / "cells.jsonl"
+    if not path.is_file():
+        raise BenchError(f"{path} does not exist: run a suite into {args.dir} first")
+    records = read_records(path)
+    raised = flags.compute(records)
+    if not raised:
+        print(f"no red flags in {len(records)} cells")
+        return 0
+    for flag in raised:
+        print(f"{flag.dataset} {flag.defense} [{flag.code}] {flag.evidence}")
+    print(f"{len(raised)} red flag(s); see docs/flags.md")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="Benchmark preprocessing defenses against "
+                                     "adversarial examples, with adaptive attacks.")
+    parser.add_argument("--version", action="version", version=f"qusec-bench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a suite's whole grid (resumes by default)")
+    run.add_argument("suite", help="suite file (TOML)")
+    run.add_argument("--out", help="results directory (default: results/<suite name>)")
+    run.add_argument("--data-dir", help="dataset directory (default: $BENCH_DATA_DIR, else ~/.cache/qusec-bench/data)")
+    run.add_argument("--cache-dir", help="trained-model cache (default: $BENCH_CACHE_DIR, else "
+                     "~/.cache/qusec-bench/models)")
+    run.add_argument("--limit", type=_positive_int, help="evaluate only the first N test images of each dataset")
+    run.add_argument("--fresh", action="store_true", help="recompute every cell and retrain the models it uses")
+    run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    run.add_argument("--strict-data", action="store_true", help="refuse data files that differ from the official "
+                     "release instead of using them with a warning")
+    run.add_argument("--executor", choices=("local", "ray"), default="local", help="where cells run (default: local)")
+    run.add_argument("--address", help="Ray cluster address ('auto' or ray://host:port); default: embedded local Ray")
+    run.add_argument("--cpus-per-cell", type=_positive_float, default=1.0, help="Ray CPUs per cell task")
+    run.add_argument("--gpus-per-cell", type=_nonnegative_float, default=0.0, help="Ray GPUs per cell task")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a suite without running it")
+    check.add_argument("suite")
+    check.add_argument("--data-dir")
+    check.set_defaults(func=cmd_check)
+
+    lst = sub.add_parser("list", help="list defenses and attacks with their parameters and defaults")
+    lst.set_defaults(func=cmd_list)
+
+    board = sub.add_parser("leaderboard", help="re-render DIR/leaderboard.md and DIR/cells.csv from DIR/cells.jsonl")
+    board.add_argument("dir")
+    board.set_defaults(func=cmd_leaderboard)
+
+    audit = sub.add_parser("audit", help="print the evaluation red flags of DIR/cells.jsonl with their evidence")
+    audit.add_argument("dir")
+    audit.set_defaults(func=cmd_audit)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _warning_line(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    return f"bench: warning: {message}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _warning_line  # type: ignore[assignment]
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BenchError as exc:
+        print(f"bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

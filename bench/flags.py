@@ -1,0 +1,99 @@
+"""Evaluation red flags, computed from stored cells only (never by re-running anything).
+
+These are the automatable checks of Carlini et al. 2019, "On Evaluating Adversarial Robustness" (sec. 5), in the
+spirit of AutoAttack's ``checks.py``: warnings with evidence, never a verdict. ``docs/flags.md`` explains each
+one and what to do about it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+MASKING_MARGIN = 0.05  # bpda / black-box / gradient-free beats plain white-box by more than this
+SINGLE_ITER_MARGIN = 0.02  # a single-step attack beats an iterative one by more than this
+NOT_CONVERGED_MARGIN = 0.02  # doubling PGD steps lowers accuracy by more than this
+NO_ZERO_LEVEL = 0.05  # accuracy an unbounded (eps >= 1) PGD must reach
+TRANSFER_MARGIN = 0.02  # black-box beats white-box (same attack, same eps) by more than this
+
+CODES = ("masking", "single>iter", "not-converged", "no-zero", "transfer>wb")
+
+
+@dataclass(frozen=True)
+class Flag:
+    dataset: str
+    defense: str
+    code: str
+    evidence: str
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _label(r: dict[str, Any]) -> str:
+    eps = "" if r["eps"] is None else f" eps={r['eps']:g}"
+    return f"{r['attack']} {r['threat_label']}{eps}"
+
+
+def _best(cells: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The cell with the lowest robust accuracy (the strongest attack among ``cells``)."""
+    return min(cells, key=lambda r: r["robust_acc"], default=None)
+
+
+def compute(records: Iterable[dict[str, Any]]) -> list[Flag]:
+    """All red flags of all (dataset, defense) pairs in ``records`` (error records are ignored)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("error") is None and r.get("robust_acc") is not None:
+            groups[(r["dataset"], r["defense"])].append(r)
+    flags = []
+    for (dataset, defense), cells in groups.items():
+        for code, evidence in _check(cells):
+            flags.append(Flag(dataset, defense, code, evidence))
+    return flags
+
+
+def _check(cells: list[dict[str, Any]]) -> Iterable[tuple[str, str]]:
+    grid = [r for r in cells if r.get("purpose", "grid") == "grid"]
+    by_eps: dict[float, list[dict[str, Any]]] = defaultdict(list)
+    for r in grid:
+        if r["eps"] is not None:
+            by_eps[r["eps"]].append(r)
+    for eps in sorted(by_eps):
+        same = by_eps[eps]
+        white = _best(r for r in same if r["threat"] == "whitebox" and not r["gradient_free"])
+        other = _best(r for r in same if r["threat"] in ("bpda", "blackbox") or r["gradient_free"])
+        if white and other and other["robust_acc"] < white["robust_acc"] - MASKING_MARGIN:
+            yield "masking", (f"eps={eps:g}: {_label(other)} {_pct(other['robust_acc'])} < strongest plain white-box "
+                              f"{_label(white)} {_pct(white['robust_acc'])}")
+        for threat in ("whitebox", "bpda"):
+            untargeted = [r for r in same if r["threat"] == threat and not r["targeted"] and r["norm"] == "linf"
+                          and not r["gradient_free"]]
+            single = _best(r for r in untargeted if not r["iterative"])
+            iterative = [r for r in untargeted if r["iterative"]]
+            weakest_iter = max(iterative, key=lambda r: r["robust_acc"], default=None)
+            if single and weakest_iter and single["robust_acc"] < weakest_iter["robust_acc"] - SINGLE_ITER_MARGIN:
+                yield "single>iter", (f"eps={eps:g}: {_label(single)} {_pct(single['robust_acc'])} < iterative "
+                                      f"{_label(weakest_iter)} {_pct(weakest_iter['robust_acc'])}")
+        for bb in (r for r in same if r["threat"] == "blackbox"):
+            wb = next((r for r in same if r["threat"] == "whitebox" and r["attack"] == bb["attack"]), None)
+            if wb and bb["robust_acc"] < wb["robust_acc"] - TRANSFER_MARGIN:
+                yield "transfer>wb", (f"eps={eps:g}: {_label(bb)} {_pct(bb['robust_acc'])} < {_label(wb)} "
+                                      f"{_pct(wb['robust_acc'])}")
+    for check in (r for r in cells if r.get("purpose") == "convergence"):
+        base_params = {**check["attack_params"], "steps": check["attack_params"]["steps"] // 2}
+        base = next((r for r in grid if r["attack_name"] == check["attack_name"] and r["attack_params"] == base_params
+                     and r["threat_label"] == check["threat_label"] and r["eps"] == check["eps"]), None)
+        if base and check["robust_acc"] < base["robust_acc"] - NOT_CONVERGED_MARGIN:
+            yield "not-converged", (f"eps={check['eps']:g}: {base['attack']} {base['threat_label']} "
+                                    f"{_pct(base['robust_acc'])} → {check['attack']} {_pct(check['robust_acc'])} "
+                                    f"with doubled steps")
+    unbounded = [r for r in grid if r["attack_name"] == "pgd" and r["eps"] is not None and r["eps"] >= 1.0
+                 and r["threat"] in ("whitebox", "bpda")]
+    strongest = _best(unbounded)
+    if strongest and strongest["robust_acc"] > NO_ZERO_LEVEL:
+        yield "no-zero", (f"{_label(strongest)} leaves {_pct(strongest['robust_acc'])} correct at an unbounded "
+                          f"budget: the attack, not the defense, is failing")

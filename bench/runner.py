@@ -1,0 +1,180 @@
+"""``bench run``: suite → grid → pending cells → executor → results store → leaderboard.
+
+Resume is the default: cells already in ``OUT/cells.jsonl`` (by key) are not recomputed; error records are
+retried. Records of cells that are no longer in the grid (the suite changed) and, with ``--fresh``, all old
+records are moved to ``OUT/cells.stale.jsonl``: nothing is deleted. Ctrl-C stops after the current batch.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from threading import Event
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from bench import leaderboard
+from bench.errors import Interrupted
+from bench.evaluate import Context, Settings, error_record, record_base
+from bench.executors import Executor, LocalExecutor
+from bench.grid import Cell, expand
+from bench.progress import bar as progress_bar
+from bench.results import ResultsStore
+from bench.suite import Suite
+from defenses.base import Defense
+
+
+@dataclass
+class RunSummary:
+    total: int
+    resumed: int
+    computed: int = 0
+    errors: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.interrupted else (1 if self.errors else 0)
+
+    def describe(self) -> str:
+        done = self.resumed + self.computed
+        text = (f"{done}/{self.total} cells done ({self.resumed} resumed, {self.computed} computed, "
+                f"{len(self.errors)} failed) in {self.seconds:.1f} s")
+        if self.interrupted:
+            text += "; interrupted: run the same command again to resume"
+        return text
+
+
+def default_out(suite: Suite, limit: int | None) -> Path:
+    """``results/<suite>``; a ``--limit`` run goes to ``results/<suite>-limit<N>`` so it never mixes with a full run."""
+    return Path("results") / (suite.name if not limit else f"{suite.name}-limit{limit}")
+
+
+def plan(suite: Suite, limit: int | None = None) -> list[Cell]:
+    cells = expand(suite)
+    if limit:
+        cells = [replace(c, n=min(c.n, limit)) for c in cells]
+    return cells
+
+
+@contextmanager
+def _ctrl_c_stops(stop: Event) -> Iterator[None]:
+    """First Ctrl-C: finish the current batch, then stop. Second Ctrl-C: stop now."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        tqdm.write("stopping after the current batch (Ctrl-C again to stop now)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None, fresh: bool = False,
+        executor: Executor | None = None, progress: bool = True) -> RunSummary:
+    """Run every pending cell of ``suite`` into ``out`` and render the leaderboard; see module docstring."""
+    start = time.perf_counter()
+    cells = plan(suite, limit)
+    wanted = {c.key for c in cells}
+    stop = Event()
+    driver = Context(settings, stop=stop)
+    with ResultsStore(out) as store:
+        records = store.records()
+        done: dict[str, dict[str, Any]] = {}
+        for r in records:
+            if not fresh and r["cell_id"] in wanted and r.get("error") is None:
+                done.setdefault(r["cell_id"], r)
+        stale = [r for r in records if done.get(r["cell_id"]) is not r]
+        if stale:
+            store.rewrite(list(done.values()), stale)
+            outdated = sum(r["cell_id"] not in wanted for r in stale)
+            if outdated:
+                warnings.warn(f"{outdated} records in {store.path} are not part of this suite's grid (settings "
+                              f"changed?); moved to cells.stale.jsonl", stacklevel=2)
+        pending = [c for c in cells if c.key not in done]
+        if fresh:
+            _forget_models(pending, driver)
+        summary = RunSummary(total=len(cells), resumed=len(done))
+        by_compute = {r["compute_id"]: r for r in done.values()}
+        twins: dict[str, list[Cell]] = {}
+        for cell in pending:
+            twins.setdefault(cell.compute_key, []).append(cell)
+        to_compute = [group[0] for key, group in twins.items() if key not in by_compute]
+        bar = progress_bar(total=len(cells), initial=len(done), desc=suite.name, unit="cell", disable=not progress)
+
+        def finish(record: dict[str, Any]) -> None:
+            store.append(record)
+            summary.computed += 1
+            bar.update()
+            if record.get("error"):
+                summary.errors.append(f"{record['dataset']} {record['defense']} {record['attack']} "
+                                      f"{record['threat_label']} eps={record['eps']}: {record['error']}")
+                tqdm.write(f"cell failed: {summary.errors[-1]}", file=sys.stderr)
+
+        chosen = executor or LocalExecutor(driver)
+        try:
+            for key, source in by_compute.items():
+                for twin in twins.get(key, []):
+                    finish(same_as(source, twin))
+            with _ctrl_c_stops(stop):
+                for record in chosen.run(to_compute, settings, stop, lambda c: bar.set_postfix_str(c.describe())):
+                    for twin in twins[record["compute_id"]]:
+                        finish(record if twin.key == record["cell_id"] else same_as(record, twin))
+        except (Interrupted, KeyboardInterrupt):
+            summary.interrupted = True
+        finally:
+            bar.close()
+        all_records = store.records()
+    leaderboard.write(out, all_records)
+    if not summary.interrupted:
+        _defense_plots(cells, driver, out / "plots")
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def same_as(source: dict[str, Any], cell: Cell) -> dict[str, Any]:
+    """The record of ``cell`` when it is the same computation as ``source`` (e.g. bpda of a defense with nothing
+    to approximate is its whitebox cell): the numbers are copied, the identity is the cell's own."""
+    if source.get("error"):
+        return {**error_record(cell, Exception(source["error"]), 0.0), "error": source["error"]}
+    identity = record_base(cell)
+    return {**source, **{k: identity[k] for k in ("threat", "threat_params", "threat_label", "cell_id", "purpose")},
+            "same_as": source["cell_id"], "seconds": 0.0}
+
+
+def _forget_models(cells: list[Cell], ctx: Context) -> None:
+    """``--fresh``: drop the cached models (and substitutes) these cells use, so they are trained again."""
+    seen = set()
+    for cell in cells:
+        targets = [(ctx.model_label(cell), ctx.model_fields(cell))]
+        if cell.blackbox is not None:
+            oracle = ctx.oracle_cell(cell)
+            targets.append((f"substitute-{ctx.model_label(oracle)}", ctx.substitute_fields(cell)))
+        for label, fields in targets:
+            if repr(fields) not in seen:
+                seen.add(repr(fields))
+                ctx.cache.remove(cell.dataset.value, label, fields)
+
+
+def _defense_plots(cells: list[Cell], ctx: Context, plots: Path) -> None:
+    """Figures of trained defenses (e.g. learned TQ thresholds), for defenses that draw any."""
+    seen = set()
+    for cell in cells:
+        defense = ctx.defense(cell)
+        if type(defense).plots is Defense.plots or (cell.dataset, defense.id) in seen:
+            continue
+        seen.add((cell.dataset, defense.id))
+        plots.mkdir(parents=True, exist_ok=True)
+        defense.plots(ctx.model(cell), plots)

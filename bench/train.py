@@ -1,0 +1,203 @@
+"""Seeded, deterministic training and the cache of trained weights.
+
+The cache key holds everything that changes the weights: dataset and the md5 of its files, architecture, the
+defense's weight-relevant parameters, training settings and seed. Weights are saved as a state dict (atomic
+rename) and loaded with ``weights_only=True``; a corrupt file is moved aside and the model retrained. A file lock
+per key makes concurrent processes (local ``--jobs`` or Ray workers) wait for one training instead of repeating it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import __version__
+from bench.errors import Interrupted
+from bench.progress import bar as progress_bar
+
+BatchHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+StepHook = Callable[[nn.Module], None]
+
+# Bumped when a change to the training code changes the weights it produces, so old cache entries are not reused.
+TRAIN_CODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a classifier is trained (suite table ``[datasets.<name>]``; see README "Suite files")."""
+
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    loss: str = "ce"
+    augment: bool = False
+    train_limit: int = 0
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        return replace(self, **overrides)
+
+
+def loss_fn(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``ce``: cross-entropy; ``mse``: squared error between softmax and one-hot label (QuSecNets eq. 2)."""
+    if name == "mse":
+        return (logits.softmax(1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)).pow(2).sum(1).mean()
+    return F.cross_entropy(logits, y)
+
+
+def flip_crop(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random horizontal flip and random crop after zero-padding by ``pad`` pixels (standard CIFAR augmentation)."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    batch = torch.arange(n)[:, None, None, None]
+    channels = torch.arange(x.shape[1])[None, :, None, None]
+    return padded[batch, channels, rows, cols]
+
+
+def _lr_factor(schedule: str, step: int, total: int) -> float:
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+    if schedule == "step":
+        return 0.1 ** (int(step >= 0.5 * total) + int(step >= 0.75 * total))
+    return 1.0
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int, *,
+        batch_hook: BatchHook | None = None, step_hook: StepHook | None = None, device: str = "cpu",
+        desc: str = "train", should_stop: Callable[[], bool] | None = None) -> None:
+    """Train ``model`` in place with Adam on (x, y); the shuffling and every random draw follow ``seed``.
+
+    ``should_stop`` is polled between batches; when it returns True, :class:`~bench.errors.Interrupted` is raised.
+    """
+    if cfg.train_limit:
+        x, y = x[:cfg.train_limit], y[:cfg.train_limit]
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _lr_factor(cfg.lr_schedule, s, total))
+    with progress_bar(total=total, desc=desc, unit="batch", leave=False) as bar:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for i in range(0, len(x), cfg.batch_size):
+                if should_stop is not None and should_stop():
+                    raise Interrupted
+                index = order[i:i + cfg.batch_size]
+                xb, yb = x[index], y[index]
+                if cfg.augment:
+                    xb = flip_crop(xb, generator)
+                xb, yb = xb.to(device), yb.to(device)
+                if batch_hook is not None:
+                    xb, yb = batch_hook(model, xb, yb)
+                    model.train()
+                loss = loss_fn(cfg.loss, model(xb), yb)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                scheduler.step()
+                if step_hook is not None:
+                    step_hook(model)
+                bar.update()
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+
+
+def cache_key(fields: dict[str, Any]) -> str:
+    """Stable 16-hex-digit hash of the JSON of ``fields``."""
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BENCH_CACHE_DIR") or "~/.cache/qusec-bench/models").expanduser()
+
+
+@dataclass
+class ModelCache:
+    """Trained weights on disk under ``root/<dataset>/<label>-<key>.pt`` with a ``.json`` sidecar."""
+
+    root: Path
+
+    def paths(self, dataset: str, label: str, key: str) -> tuple[Path, Path]:
+        stem = self.root / dataset / f"{_safe(label)}-{key}"
+        return stem.with_suffix(".pt"), stem.with_suffix(".json")
+
+    def exists(self, dataset: str, label: str, fields: dict[str, Any]) -> bool:
+        return self.paths(dataset, label, cache_key(fields))[0].is_file()
+
+    def remove(self, dataset: str, label: str, fields: dict[str, Any]) -> None:
+        """Forget a trained model (``--fresh``)."""
+        for path in self.paths(dataset, label, cache_key(fields)):
+            path.unlink(missing_ok=True)
+
+    def get_or_train(self, dataset: str, label: str, fields: dict[str, Any], build: Callable[[], nn.Module],
+                     train: Callable[[nn.Module], dict[str, Any]]) -> tuple[nn.Module, bool]:
+        """The model for ``fields``: loaded from the cache, else built, trained by ``train`` and stored.
+
+        Returns (model, facts): the sidecar's facts (``train`` may add some, e.g. accuracy) and ``cached``.
+        """
+        key = cache_key(fields)
+        weights, sidecar = self.paths(dataset, label, key)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(weights.with_suffix(".lock")):
+            model = build()
+            if weights.is_file():
+                try:
+                    state = torch.load(weights, map_location="cpu", weights_only=True)
+                    model.load_state_dict(state)
+                    facts = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+                    return model.eval(), {**facts, "cached": True}
+                except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is retrained, never trusted
+                    aside = weights.with_suffix(f".corrupt-{int(time.time())}")
+                    weights.replace(aside)
+                    warnings.warn(f"{weights}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
+                                  f"moved to {aside.name} and retraining", stacklevel=2)
+                    model = build()
+            start = time.perf_counter()
+            facts = train(model)
+            seconds = time.perf_counter() - start
+            tmp = weights.with_suffix(".pt.tmp")
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+            os.replace(tmp, weights)
+            facts = {"key": fields, "train_seconds": round(seconds, 2), "version": __version__, **facts}
+            sidecar.write_text(json.dumps(facts, indent=2, default=str) + "\n")
+            return model.eval(), {**facts, "cached": False}
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "=,.-_" else "_" for c in label)
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,77 @@
+"""The small base class every defense derives from, and the defense registry.
+
+A defense contributes a preprocessing module in front of the Cleverhans CNN and/or the activations inside it,
+plus optional training hooks (a loss, a batch transform such as noise or adversarial examples, a projection after
+each optimiser step). The harness trains the defended network as one model, caches it, and hands it to attacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bench.models import ActivationFactory, CleverhansCNN, DefendedModel
+from bench.registry import Component, Registry
+from bench.types import Dataset
+
+
+class Defense(Component):
+    """Base: identity preprocessing, ReLU activations, plain training.
+
+    ``bpda_variants`` names the backward approximations the ``bpda`` threat can use on this defense (see
+    :mod:`bench.bpda`); empty means the defense has nothing to approximate, so ``bpda`` equals ``whitebox``.
+    ``shares_weights_with_none`` marks defenses applied to the undefended model without retraining.
+    """
+
+    bpda_variants: ClassVar[tuple[str, ...]] = ()
+    shares_weights_with_none: ClassVar[bool] = False
+
+    def __init__(self, dataset: Dataset, values: dict[str, Any]) -> None:
+        self.dataset = dataset
+        self.values = values
+
+    @property
+    def id(self) -> str:
+        return self.make_id(self.values, self.dataset)
+
+    def preprocess(self) -> nn.Module:
+        return nn.Identity()
+
+    def activation(self) -> ActivationFactory:
+        return nn.ReLU
+
+    def build(self) -> DefendedModel:
+        """A fresh, untrained defended model."""
+        return DefendedModel(self.preprocess(), CleverhansCNN(self.dataset.shape, activation=self.activation()))
+
+    def weights_key(self) -> dict[str, Any]:
+        """Everything about the defense that changes the trained weights (part of the model cache key)."""
+        if self.shares_weights_with_none:
+            return {"defense": "none"}
+        return {"defense": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.values.items()}}
+
+    def training_overrides(self) -> dict[str, Any]:
+        """Training settings this defense imposes over the suite's (e.g. ``{"loss": "mse"}``)."""
+        return {}
+
+    def training_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transform one training batch (data augmentation, adversarial examples); identity by default."""
+        return x, y
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimiser step (e.g. keep learned thresholds sorted in [0, 1])."""
+
+    def detector(self, model: nn.Module, train_x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A detector flagging adversarial inputs (bool per image), or None when the defense does not detect."""
+        return None
+
+    def plots(self, model: nn.Module, out_dir: Path) -> list[Path]:
+        """Figures about the trained defense written into ``out_dir`` (e.g. learned thresholds)."""
+        return []
+
+
+REGISTRY: Registry[Defense] = Registry("defense", Defense, "defenses")
