@@ -175,10 +175,11 @@ def _idx_labels(path: Path) -> torch.Tensor:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Builds numpy arrays and plain containers only; any other global (``os.system`` ...) is refused."""
+    """Builds numpy arrays and plain containers only; any other global (``os.system`` ...) is refused.
+    ``_codecs.encode`` is how protocol-2 pickles written by Python 3 store bytes."""
 
     _ALLOWED = {
-        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     }
 

@@ -106,12 +106,14 @@ class Param:
                     tuple: "a pair of integers [h, w]"}[self.kind]
             if self.low is not None and self.high is not None:
                 text += f" in [{_fmt(self.low)}, {_fmt(self.high)}]"
+            elif self.positive and self.high is not None:
+                text += f" in (0, {_fmt(self.high)}]"
+            elif self.positive:
+                text += " > 0"
             elif self.low is not None:
                 text += f" ≥ {_fmt(self.low)}"
             elif self.high is not None:
                 text += f" ≤ {_fmt(self.high)}"
-            if self.positive:
-                text += " (> 0)"
         return text + (' or "auto"' if self.auto else "")
 
 

@@ -171,7 +171,7 @@ def check_table(table: Any, params: tuple[Param, ...], source: str, path: str,
     out = {}
     for p in params:
         if p.name in table:
-            out[p.name] = p.check(table[p.name], source, f"{path}.{p.name}")
+            out[p.name] = p.check(table[p.name], source, f"{path}.{p.name}" if path else p.name)
         else:
             out[p.name] = p.default_for(dataset) if dataset else p.default
     return out

@@ -1,0 +1,100 @@
+"""Leaderboard rendering, per-image worst case and red flags on hand-made cells."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import flags, leaderboard
+from bench.results import pack_mask
+
+N = 8
+
+
+def cell(defense: str, attack: str, threat: str, eps: float | None, correct: list[int], **extra: Any) -> dict[str, Any]:
+    mask = [i in correct for i in range(N)]
+    return {"suite": "t", "dataset": "mnist", "defense": defense, "attack": attack,
+            "attack_name": attack.split("(")[0], "attack_params": extra.pop("attack_params", {}), "threat": threat,
+            "threat_label": {"whitebox": "wb", "blackbox": "bb", "bpda": "bpda"}[threat], "eps": eps,
+            "norm": extra.pop("norm", "linf"), "targeted": False, "gradient_free": extra.pop("gradient_free", False),
+            "iterative": extra.pop("iterative", attack != "fgsm"), "purpose": extra.pop("purpose", "grid"), "n": N,
+            "cell_id": f"{defense}-{attack}-{threat}-{eps}-{extra.pop('tag', '')}", "clean_acc": 1.0,
+            "robust_acc": sum(mask) / N, "robust_mask": pack_mask(mask), "clean_mask": pack_mask([True] * N),
+            "error": None, "data_provenance": "official release (md5 verified)", "version": "0", "git": "abc",
+            **extra}
+
+
+def test_worst_case_is_per_image_minimum_within_eps() -> None:
+    cells = [cell("d", "fgsm", "whitebox", 0.1, [0, 1, 2, 3, 4, 5]),
+             cell("d", "pgd", "whitebox", 0.1, [2, 3, 4, 5, 6, 7]),
+             cell("d", "pgd", "whitebox", 0.3, [5, 6, 7]),
+             cell("d", "cw_l2", "whitebox", None, [0, 5], norm="l2")]
+    assert leaderboard.worst_case(cells, 0.1) == 4 / N  # images 2..5 survive both attacks at 0.1
+    assert leaderboard.worst_case(cells, 0.3) == 1 / N  # only image 5 survives everything within 0.3
+    assert leaderboard.worst_case(cells, None) == 1 / N
+
+
+def test_table_sorts_by_headline_worst_case_and_renders_markdown() -> None:
+    cells = [cell("weak", "fgsm", "whitebox", 0.3, [0]), cell("strong", "fgsm", "whitebox", 0.3, [0, 1, 2, 3]),
+             cell("weak", "fgsm", "whitebox", 1.0, []), cell("strong", "fgsm", "whitebox", 1.0, [])]
+    frame, _ = leaderboard.tables(cells)["mnist"]
+    assert frame["defense"].tolist() == ["strong", "weak"]
+    assert frame.loc[0, "worst 0.3"] == 0.5
+    text = leaderboard.render(cells)
+    assert "| strong" in text and "fgsm wb 0.3" in text and "worst 0.3" in text and "official release" in text
+
+
+def test_error_cells_show_as_error() -> None:
+    bad = {**cell("d", "pgd", "whitebox", 0.3, []), "robust_acc": None, "error": "RuntimeError: boom"}
+    text = leaderboard.render([cell("d", "fgsm", "whitebox", 0.3, [1]), bad])
+    assert "| error" in text and "RuntimeError: boom" in text
+
+
+def codes(cells: list[dict[str, Any]]) -> set[str]:
+    return {f.code for f in flags.compute(cells)}
+
+
+def test_masking_fires_when_bpda_beats_whitebox_and_not_otherwise() -> None:
+    white = cell("cq", "pgd", "whitebox", 0.3, list(range(8)))
+    assert "masking" in codes([white, cell("cq", "pgd", "bpda", 0.3, [0])])
+    assert "masking" not in codes([white, cell("cq", "pgd", "bpda", 0.3, list(range(8)))])
+    assert "masking" in codes([white, cell("cq", "square", "whitebox", 0.3, [0], gradient_free=True)])
+
+
+def test_single_beats_iterative() -> None:
+    assert "single>iter" in codes([cell("d", "fgsm", "whitebox", 0.3, [0]), cell("d", "pgd", "whitebox", 0.3, [0, 1, 2])])
+    assert "single>iter" not in codes([cell("d", "fgsm", "whitebox", 0.3, [0, 1, 2]),
+                                       cell("d", "pgd", "whitebox", 0.3, [0])])
+
+
+def test_not_converged() -> None:
+    base = cell("d", "pgd", "whitebox", 0.3, [0, 1, 2, 3], attack_params={"steps": 10})
+    fine = cell("d", "pgd(steps=20)", "whitebox", 0.3, [0, 1, 2, 3], attack_params={"steps": 20},
+                purpose="convergence")
+    worse = {**fine, "robust_acc": 1 / N, "robust_mask": pack_mask([i == 0 for i in range(N)])}
+    assert "not-converged" not in codes([base, fine])
+    assert "not-converged" in codes([base, worse])
+
+
+def test_no_zero() -> None:
+    assert "no-zero" in codes([cell("d", "pgd", "whitebox", 1.0, [0, 1])])
+    assert "no-zero" not in codes([cell("d", "pgd", "whitebox", 1.0, [0, 1]), cell("d", "pgd", "bpda", 1.0, [])])
+
+
+def test_transfer_beats_whitebox() -> None:
+    assert "transfer>wb" in codes([cell("d", "fgsm", "whitebox", 0.3, [0, 1, 2]), cell("d", "fgsm", "blackbox", 0.3, [])])
+    assert "transfer>wb" not in codes([cell("d", "fgsm", "whitebox", 0.3, []),
+                                       cell("d", "fgsm", "blackbox", 0.3, [0, 1])])
+
+
+@pytest.mark.parametrize("code", flags.CODES)
+def test_every_flag_is_documented(code: str) -> None:
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "flags.md").read_text()
+    assert f"`{code}`" in doc
+
+
+def test_flags_appear_in_the_leaderboard_with_evidence() -> None:
+    text = leaderboard.render([cell("cq", "pgd", "whitebox", 0.3, list(range(8))), cell("cq", "pgd", "bpda", 0.3, [])])
+    assert "masking[^mnist-1]" in text and "[^mnist-1]: cq `masking`: eps=0.3: pgd bpda eps=0.3 0.0%" in text

@@ -1,0 +1,153 @@
+"""The runner on real MNIST: resume, shared cells, failing cells, determinism, black-box isolation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bench import leaderboard
+from bench.attacks import REGISTRY as ATTACKS
+from bench.attacks.base import Attack
+from bench.evaluate import Context, Settings, run_cell
+from bench.executors import LocalExecutor
+from bench.grid import expand
+from bench.runner import run
+from bench.suite import load_suite
+from bench.types import Threat
+from conftest import tiny_suite
+
+TIMING = {"seconds", "attack_seconds"}
+
+
+def settings(data_dir: Path, cache_dir: Path) -> Settings:
+    return Settings(data_dir=str(data_dir), cache_dir=str(cache_dir))
+
+
+def lines(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_outputs_and_resumes_without_recomputing(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
+    suite = load_suite(tiny_suite(tmp_path / "s.toml"))
+    first = run(suite, tmp_path / "out", settings(data_dir, cache_dir), progress=False)
+    assert first.exit_code == 0 and first.computed == 4
+    for name in ("cells.jsonl", "cells.csv", "leaderboard.md"):
+        assert (tmp_path / "out" / name).is_file()
+    records = lines(tmp_path / "out")
+    assert len(records) == 4 and all(0.9 < r["clean_acc"] <= 1 for r in records)
+    second = run(suite, tmp_path / "out", settings(data_dir, cache_dir), progress=False)
+    assert second.computed == 0 and second.resumed == 4
+    assert lines(tmp_path / "out") == records
+
+
+def test_bpda_of_an_undefended_model_is_the_whitebox_cell(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
+    suite = load_suite(tiny_suite(tmp_path / "s.toml"))
+    run(suite, tmp_path / "out", settings(data_dir, cache_dir), progress=False)
+    records = lines(tmp_path / "out")
+    for eps in (0.1, 0.3):
+        white = next(r for r in records if r["threat"] == "whitebox" and r["eps"] == eps)
+        bpda = next(r for r in records if r["threat"] == "bpda" and r["eps"] == eps)
+        assert bpda["same_as"] == white["cell_id"]
+        assert {k: v for k, v in bpda.items() if k not in ("threat", "threat_params", "threat_label", "cell_id",
+                                                             "same_as", *TIMING)} == \
+               {k: v for k, v in white.items() if k not in ("threat", "threat_params", "threat_label", "cell_id",
+                                                              *TIMING)}
+
+
+def test_fgsm_breaks_the_undefended_model(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
+    suite = load_suite(tiny_suite(tmp_path / "s.toml"))
+    run(suite, tmp_path / "out", settings(data_dir, cache_dir), progress=False)
+    by_eps = {r["eps"]: r for r in lines(tmp_path / "out") if r["threat"] == "whitebox"}
+    assert by_eps[0.3]["robust_acc"] < 0.2 < by_eps[0.3]["success_rate"]
+    assert by_eps[0.3]["robust_acc"] <= by_eps[0.1]["robust_acc"]
+    assert by_eps[0.3]["linf"] == pytest.approx(0.3, abs=1e-6)
+    assert 0 < by_eps[0.3]["l0"] <= 1 and by_eps[0.3]["gradients"] == 200
+
+
+def test_identical_runs_give_identical_cells(tmp_path: Path, data_dir: Path) -> None:
+    suite = load_suite(tiny_suite(tmp_path / "s.toml", n=100))
+    outs = []
+    for i in range(2):
+        run(suite, tmp_path / f"out{i}", settings(data_dir, tmp_path / f"cache{i}"), progress=False)
+        outs.append([{k: v for k, v in r.items() if k not in TIMING} for r in lines(tmp_path / f"out{i}")])
+    assert outs[0] == outs[1]
+
+
+class _Explodes(Attack):
+    """Test attack that raises."""
+
+    name = "explodes"
+
+    def perturb(self, model, x, y, eps, target):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+
+class _NaN(Attack):
+    """Test attack that returns NaN."""
+
+    name = "nan"
+
+    def perturb(self, model, x, y, eps, target):  # type: ignore[no-untyped-def]
+        return torch.full_like(x, float("nan"))
+
+
+@pytest.fixture
+def failing_attacks():
+    ATTACKS._load()
+    for cls in (_Explodes, _NaN):
+        ATTACKS.register(cls)
+    yield
+    for cls in (_Explodes, _NaN):
+        ATTACKS._items.pop(cls.name)
+
+
+def test_a_failing_cell_does_not_stop_the_grid(tmp_path: Path, data_dir: Path, cache_dir: Path,
+                                               failing_attacks: None) -> None:
+    extra = '[[attacks]]\nname = "explodes"\neps = 0.1\n[[attacks]]\nname = "nan"\neps = 0.1\n'
+    suite = load_suite(tiny_suite(tmp_path / "s.toml", extra=extra))
+    summary = run(suite, tmp_path / "out", settings(data_dir, cache_dir), progress=False)
+    assert summary.exit_code == 1 and len(summary.errors) == 2
+    records = lines(tmp_path / "out")
+    errors = {r["attack"]: r["error"] for r in records if r["error"]}
+    assert errors == {"explodes": "RuntimeError: boom", "nan": "AttackFailed: nan produced NaN or inf values"}
+    assert sum(r["error"] is None for r in records) == 4
+    assert "| error" in (tmp_path / "out" / "leaderboard.md").read_text()
+    summary = run(suite, tmp_path / "out", settings(data_dir, cache_dir), progress=False)
+    assert summary.computed == 2 and summary.resumed == 4  # failed cells are retried, the rest resumed
+
+
+def test_blackbox_never_backpropagates_through_the_target(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
+    extra = '[[attacks]]\nname = "fgsm"\neps = 0.3\nthreat = "blackbox"\n[blackbox]\nrounds = 2\nepochs = 2\n'
+    suite = load_suite(tiny_suite(tmp_path / "s.toml", extra=extra))
+    cell = next(c for c in expand(suite) if c.threat is Threat.BLACKBOX)
+    ctx = Context(settings(data_dir, cache_dir))
+    target = ctx.model(cell)
+    grad_forwards, backwards = [], []
+    target.register_forward_hook(lambda m, i, o: grad_forwards.append(torch.is_grad_enabled()))
+    target.register_full_backward_hook(lambda m, gi, go: backwards.append(1))
+    record = run_cell(cell, ctx)
+    assert backwards == [] and grad_forwards and not any(grad_forwards)
+    assert record["label_queries"] == 150 * 2 ** 2
+    assert record["substitute_agreement"] >= 0.5
+    white = run_cell(next(c for c in expand(suite) if c.threat is Threat.WHITEBOX and c.eps == 0.3), ctx)
+    assert record["robust_acc"] >= white["robust_acc"]
+    assert ctx.calls["clean"] == 1 and ctx.calls["substitute"] == 1
+
+
+def test_leaderboard_rerenders_identically(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
+    suite = load_suite(tiny_suite(tmp_path / "s.toml"))
+    run(suite, tmp_path / "out", settings(data_dir, cache_dir), progress=False)
+    rendered = (tmp_path / "out" / "leaderboard.md").read_text()
+    leaderboard.write(tmp_path / "out")
+    assert (tmp_path / "out" / "leaderboard.md").read_text() == rendered
+
+
+def test_local_executor_reuses_one_context(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
+    suite = load_suite(tiny_suite(tmp_path / "s.toml", eps="[0.05, 0.1, 0.2, 0.3]"))
+    ctx = Context(settings(data_dir, cache_dir))
+    run(suite, tmp_path / "out", ctx.settings, executor=LocalExecutor(ctx), progress=False)
+    assert ctx.calls["model"] == 1 and ctx.calls["clean"] == 1 and ctx.calls["data"] == 1
