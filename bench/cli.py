@@ -127,6 +127,35 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resilience(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench.evaluate import Context, Settings
+    from bench.resilience import analyse, default_train, render, undefended_cell
+    from bench.suite import RESILIENCE_PARAMS, load_suite
+    from bench.types import Dataset
+
+    dataset = Dataset(args.dataset)
+    if args.max_levels < 2:
+        raise BenchError(f"--max-levels {args.max_levels}: expected an integer ≥ 2")
+    settings = {p.name: p.default for p in RESILIENCE_PARAMS}
+    train, seed = default_train(dataset), 0
+    if args.suite:
+        suite = load_suite(args.suite)
+        if dataset not in suite.datasets:
+            raise BenchError(f"{args.suite}: has no [datasets.{dataset.value}] table")
+        train, seed, settings = suite.datasets[dataset].train, suite.seed, dict(suite.resilience)
+    for p in RESILIENCE_PARAMS:
+        if getattr(args, p.name) is not None:
+            settings[p.name] = p.check(getattr(args, p.name), "<arguments>", f"--{p.name}")
+    torch.set_num_threads(_threads())
+    ctx = Context(Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device)))
+    analysis = analyse(ctx, undefended_cell(dataset, train, seed), settings["eps"], settings["noise"],
+                       settings["tolerance"], images=args.n, max_levels=args.max_levels)
+    print(render(analysis))
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from bench import flags
     from bench.results import read_records
@@ -143,6 +172,18 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"{flag.dataset} {flag.defense} [{flag.code}] {flag.evidence}")
     print(f"{len(raised)} red flag(s); see docs/flags.md")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench.compare import compare, load_dir
+
+    reference = load_dir(args.reference)
+    drifts = compare(load_dir(args.dir), reference, args.clean_tol, args.robust_tol)
+    for drift in drifts:
+        print(f"DRIFT {drift.cell}: {drift.problem}")
+    print(f"{len(reference) - len({d.cell for d in drifts})}/{len(reference)} reference cells match "
+          f"(clean ±{100 * args.clean_tol:g}, robust ±{100 * args.robust_tol:g} points)")
+    return 1 if drifts else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,9 +222,34 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("dir")
     board.set_defaults(func=cmd_leaderboard)
 
+    res = sub.add_parser("resilience", help="error-resilience analysis: noise tolerance of the undefended CNN and "
+                         "the recommended quantization levels n")
+    res.add_argument("--dataset", choices=("mnist", "cifar10"), required=True)
+    res.add_argument("--eps", type=_positive_float, help="attack budget the levels must absorb (default 0.3)")
+    res.add_argument("--noise", choices=("uniform", "gaussian"), help="injected noise (default uniform)")
+    res.add_argument("--tolerance", type=_nonnegative_float, help="tolerated accuracy loss (default 0.01)")
+    res.add_argument("--suite", help="take training settings, seed and [resilience] defaults from this suite")
+    res.add_argument("--n", type=_positive_int, default=1000, help="first N test images (default 1000)")
+    res.add_argument("--max-levels", type=_positive_int, default=16, help="largest n considered (default 16)")
+    res.add_argument("--data-dir", help="dataset directory (default: $BENCH_DATA_DIR, else ~/.cache/qusec-bench/data)")
+    res.add_argument("--cache-dir", help="trained-model cache (default: $BENCH_CACHE_DIR, else "
+                     "~/.cache/qusec-bench/models)")
+    res.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    res.set_defaults(func=cmd_resilience)
+
     audit = sub.add_parser("audit", help="print the evaluation red flags of DIR/cells.jsonl with their evidence")
     audit.add_argument("dir")
     audit.set_defaults(func=cmd_audit)
+
+    compare = sub.add_parser("compare", help="check DIR's cells against REFERENCE's within tolerances "
+                             "(exit 1 on drift)")
+    compare.add_argument("dir")
+    compare.add_argument("reference")
+    compare.add_argument("--clean-tol", type=_nonnegative_float, default=0.01, help="clean accuracy tolerance "
+                         "(fraction, default 0.01)")
+    compare.add_argument("--robust-tol", type=_nonnegative_float, default=0.03, help="robust accuracy tolerance "
+                         "(fraction, default 0.03)")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -122,8 +122,7 @@ class Context:
                 "train": config_dict(self.train_config(cell)), "seed": cell.seed, "code": TRAIN_CODE_VERSION}
 
     def model_label(self, cell: Cell) -> str:
-        defense = self.defense(cell)
-        return "none" if defense.shares_weights_with_none else defense.id
+        return self.defense(cell).weights_label()
 
     def model(self, cell: Cell) -> nn.Module:
         """The trained defended model of the cell (from the cache, or trained now), frozen, in eval mode."""

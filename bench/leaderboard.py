@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from bench import flags as flags_mod
+from bench import plots
 from bench.results import read_records, unpack_mask
 
 MASK_FIELDS = ("clean_mask", "robust_mask", "detected_mask")
@@ -165,10 +166,12 @@ def csv_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 def write(out: Path, records: list[dict[str, Any]] | None = None) -> Path:
-    """(Re-)render ``out/leaderboard.md`` and ``out/cells.csv`` from ``out/cells.jsonl`` (or ``records``)."""
+    """(Re-)render ``out/leaderboard.md``, ``out/cells.csv`` and the record-based figures in ``out/plots`` from
+    ``out/cells.jsonl`` (or ``records``)."""
     out = Path(out)
     if records is None:
         records = read_records(out / "cells.jsonl")
     (out / "leaderboard.md").write_text(render(records))
     csv_frame(records).to_csv(out / "cells.csv", index=False)
+    plots.write(_latest(records), out / "plots")
     return out / "leaderboard.md"

@@ -42,7 +42,8 @@ class Param:
     ``kind`` is ``int``, ``float``, ``str``, ``bool`` or ``tuple`` (a pair of ints, e.g. a 2×2 window).
     ``low``/``high`` are inclusive bounds; ``positive`` excludes zero. ``short`` is the name used in readable ids;
     ``in_id`` shows the parameter in the id even at its default (``cq(n=2,z=50)``); ``auto`` also accepts the
-    string ``"auto"``; ``grid`` False means a list is never expanded into a grid.
+    string ``"auto"``; ``inference_only`` marks a defense parameter that changes evaluation but not training,
+    so models that differ only in it share their trained weights.
     """
 
     name: str
@@ -56,6 +57,7 @@ class Param:
     short: str | None = None
     in_id: bool = False
     auto: bool = False
+    inference_only: bool = False
 
     def default_for(self, dataset: Dataset) -> Any:
         return self.default[dataset] if isinstance(self.default, PerDataset) else self.default

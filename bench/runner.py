@@ -20,12 +20,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from bench import leaderboard
+from bench import leaderboard, sheet
 from bench.errors import Interrupted
 from bench.evaluate import Context, Settings, error_record, record_base
 from bench.executors import Executor, LocalExecutor
 from bench.grid import Cell, expand
 from bench.progress import bar as progress_bar
+from bench.registry import AUTO
+from bench.resilience import resolve_auto_levels
 from bench.results import ResultsStore
 from bench.suite import Suite
 from defenses.base import Defense
@@ -87,9 +89,11 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
     """Run every pending cell of ``suite`` into ``out`` and render the leaderboard; see module docstring."""
     start = time.perf_counter()
     cells = plan(suite, limit)
-    wanted = {c.key for c in cells}
     stop = Event()
     driver = Context(settings, stop=stop)
+    if any(c.defense_values.get("levels") == AUTO for c in cells):
+        cells = resolve_auto_levels(cells, driver, suite.resilience)
+    wanted = {c.key for c in cells}
     with ResultsStore(out) as store:
         records = store.records()
         done: dict[str, dict[str, Any]] = {}
@@ -140,6 +144,7 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
     leaderboard.write(out, all_records)
     if not summary.interrupted:
         _defense_plots(cells, driver, out / "plots")
+        sheet.write(cells, driver, out / "plots")
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -48,11 +48,19 @@ class Defense(Component):
         """A fresh, untrained defended model."""
         return DefendedModel(self.preprocess(), CleverhansCNN(self.dataset.shape, activation=self.activation()))
 
+    def _training_values(self) -> dict[str, Any]:
+        return {p.name: self.values[p.name] for p in self.params if not p.inference_only}
+
     def weights_key(self) -> dict[str, Any]:
         """Everything about the defense that changes the trained weights (part of the model cache key)."""
         if self.shares_weights_with_none:
             return {"defense": "none"}
-        return {"defense": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.values.items()}}
+        return {"defense": self.name,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in self._training_values().items()}}
+
+    def weights_label(self) -> str:
+        """Readable name of the trained weights in the model cache (``none`` for defenses that share them)."""
+        return "none" if self.shares_weights_with_none else self.make_id(self._training_values(), self.dataset)
 
     def training_overrides(self) -> dict[str, Any]:
         """Training settings this defense imposes over the suite's (e.g. ``{"loss": "mse"}``)."""

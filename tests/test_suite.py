@@ -100,3 +100,14 @@ def test_shipped_suites_are_valid() -> None:
     assert suites
     for path in suites:
         assert expand(load_suite(path)), path
+
+
+def test_every_suite_setting_is_documented() -> None:
+    from bench.suite import BLACKBOX_PARAMS, BPDA_PARAMS, CHECKS_PARAMS, DATASET_PARAMS, RESILIENCE_PARAMS, TOP_KEYS
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "suites.md").read_text()
+    for params in (DATASET_PARAMS, BLACKBOX_PARAMS, BPDA_PARAMS, CHECKS_PARAMS, RESILIENCE_PARAMS):
+        for p in params:
+            assert f"| `{p.name}` |" in doc, p.name
+    for key in TOP_KEYS:
+        assert f"`{key}`" in doc, key

@@ -1,0 +1,124 @@
+"""Figures of a results directory. The record-based ones (accuracy vs eps, defense bars) are pure functions of
+``cells.jsonl``, re-drawn by ``bench leaderboard``; the adversarial-example sheet needs the models and is drawn
+by ``bench run``."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+THREAT_STYLE = {"wb": "-", "bpda": "--", "bpda-soft": ":", "bb": "-."}
+THREAT_NAME = {"wb": "white-box", "bpda": "BPDA", "bpda-soft": "BPDA (soft)", "bb": "black-box"}
+
+
+def _grid(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("purpose", "grid") == "grid" and r.get("error") is None]
+
+
+def accuracy_vs_eps(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Per dataset and L∞ attack: robust accuracy against eps, one colour per defense, one line style per threat
+    (the paper's Figs. 5 and 6, with the adaptive BPDA curve added)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in _grid(records):
+        if r["eps"] is not None and r["norm"] == "linf" and r["eps"] < 1.0 and not r["targeted"]:
+            groups[(r["dataset"], r["attack"])].append(r)
+    written = []
+    for (dataset, attack), cells in sorted(groups.items()):
+        if len({r["eps"] for r in cells}) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        defenses = list(dict.fromkeys(r["defense"] for r in cells))
+        colours = plt.get_cmap("tab20")(range(len(defenses)))
+        for colour, defense in zip(colours, defenses, strict=True):
+            for threat in THREAT_STYLE:
+                line = sorted((r["eps"], r["robust_acc"]) for r in cells if r["defense"] == defense
+                              and r["threat_label"] == threat)
+                if line:
+                    ax.plot([e for e, _ in line], [100 * a for _, a in line], THREAT_STYLE[threat], color=colour,
+                            marker="o", markersize=3, label=f"{defense} ({THREAT_NAME[threat]})")
+        ax.set_xlabel("ε (L∞, pixel scale [0, 1])")
+        ax.set_ylabel("accuracy under attack (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"{dataset}: {attack} — solid white-box, dashed BPDA, dash-dot black-box")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2, loc="upper right")
+        written.append(_save(fig, out / f"{dataset}-{_slug(attack)}-accuracy-vs-eps.png"))
+    return written
+
+
+def defense_bars(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Per dataset and attack (at its largest eps below 1): bars per defense, one bar per threat model
+    (the paper's Figs. 9-11)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in _grid(records):
+        if r["eps"] is None or r["eps"] < 1.0:
+            groups[(r["dataset"], r["attack"])].append(r)
+    written = []
+    for (dataset, attack), cells in sorted(groups.items()):
+        eps = max((r["eps"] for r in cells if r["eps"] is not None), default=None)
+        cells = [r for r in cells if r["eps"] == eps]
+        defenses = list(dict.fromkeys(r["defense"] for r in cells))
+        threats = [t for t in THREAT_STYLE if any(r["threat_label"] == t for r in cells)]
+        width = 0.8 / len(threats)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(defenses) + 2), 4.5))
+        for i, threat in enumerate(threats):
+            values = [next((100 * r["robust_acc"] for r in cells if r["defense"] == d and r["threat_label"] == threat),
+                           float("nan")) for d in defenses]
+            bars = ax.bar([k + i * width for k in range(len(defenses))], values, width, label=THREAT_NAME[threat])
+            ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(defenses))], defenses, rotation=35, ha="right",
+                      fontsize=7)
+        ax.set_ylabel("accuracy under attack (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{dataset}: {attack}" + ("" if eps is None else f" at ε = {eps:g}"))
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        written.append(_save(fig, out / f"{dataset}-{_slug(attack)}-{'' if eps is None else f'eps{eps:g}-'}bars.png"))
+    return written
+
+
+def example_sheet(rows: list[tuple[str, list[torch.Tensor]]], labels: list[list[str]], title: str,
+                  path: Path) -> Path:
+    """An adversarial-example sheet (the paper's Fig. 7): one row per defense; for each image three panels
+    (clean, adversarial, adversarial after the defense's preprocessing) captioned with prediction and
+    probability. ``rows`` holds (defense id, [clean, adversarial, preprocessed] image batches)."""
+    images = rows[0][1][0].shape[0]
+    fig, axes = plt.subplots(len(rows), 3 * images, figsize=(1.3 * 3 * images, 1.55 * len(rows) + 0.6),
+                             squeeze=False)
+    for r, ((defense, panels), captions) in enumerate(zip(rows, labels, strict=True)):
+        for i in range(images):
+            for p, batch in enumerate(panels):
+                ax = axes[r][3 * i + p]
+                picture = batch[i].permute(1, 2, 0).clamp(0, 1).numpy()
+                ax.imshow(picture.squeeze(-1) if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(captions[3 * i + p], fontsize=6)
+                if i == 0 and p == 0:
+                    ax.set_ylabel(defense, fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    return _save(fig, path)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in text)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def write(records: list[dict[str, Any]], out: Path) -> list[Path]:
+    """All record-based figures of ``records`` into ``out`` (``OUT/plots``)."""
+    return accuracy_vs_eps(records, out) + defense_bars(records, out)
