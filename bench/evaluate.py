@@ -126,11 +126,23 @@ class Context:
 
     def model(self, cell: Cell) -> nn.Module:
         """The trained defended model of the cell (from the cache, or trained now), frozen, in eval mode."""
+        return self._trained(cell)[0]
+
+    def model_facts(self, cell: Cell) -> dict[str, Any]:
+        """What the cache knows of the cell's model: ``test_acc`` (full test set), ``train_seconds``, ``cached``."""
+        return self._trained(cell)[1]
+
+    def _trained(self, cell: Cell) -> tuple[nn.Module, dict[str, Any]]:
         return self._cached(("model", cell.dataset, cell.defense, repr(cell.defense_values), repr(cell.train),
                              cell.seed), lambda: self._load_or_train(cell))
 
-    def _load_or_train(self, cell: Cell) -> nn.Module:
+    def _load_or_train(self, cell: Cell) -> tuple[nn.Module, dict[str, Any]]:
         defense = self.defense(cell)
+        if defense.shares_weights_with_none:
+            undefended, facts = self._trained(replace(cell, defense="none", defense_values={}))
+            model = defense.build()
+            model.load_state_dict(undefended.state_dict())
+            return model.to(self.settings.device).eval().requires_grad_(False), facts
         data = self.data(cell.dataset)
         cfg = self.train_config(cell)
 
@@ -146,13 +158,13 @@ class Context:
                 fit(model, data.train.x, data.train.y, cfg, cell.seed, batch_hook=defense.training_batch,
                     step_hook=defense.after_step, device=self.settings.device,
                     desc=f"train {cell.dataset.value} {defense.id}", should_stop=self.stop.is_set)
-            first = slice(0, min(1000, len(data.test)))
-            accuracy = (predict(model, data.test.x[first]) == data.test.y[first]).float().mean()
-            return {"test_acc_first_1000": round(float(accuracy), 4)}
+            correct = (predict(model, data.test.x) == data.test.y).float()
+            return {"test_acc": round(float(correct.mean()), 4),
+                    "test_acc_first_1000": round(float(correct[:1000].mean()), 4)}
 
-        model, _ = self.cache.get_or_train(cell.dataset.value, self.model_label(cell), self.model_fields(cell),
-                                           build, train)
-        return model.to(self.settings.device).eval().requires_grad_(False)
+        model, facts = self.cache.get_or_train(cell.dataset.value, self.model_label(cell), self.model_fields(cell),
+                                               build, train)
+        return model.to(self.settings.device).eval().requires_grad_(False), facts
 
     def clean_predictions(self, cell: Cell) -> torch.Tensor:
         """Clean predictions of the defended model on the evaluated images: once per (dataset, defense)."""
@@ -357,6 +369,7 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
         "queries": counted.forwards, "gradients": counted.backwards,
         "clean_mask": pack_mask((clean == y).tolist()), "robust_mask": pack_mask(robust.tolist()),
         **extra,
+        "model_test_acc": ctx.model_facts(cell).get("test_acc"),
         "data_official": data.official, "data_provenance": data.provenance, "device": ctx.settings.device,
         "attack_seconds": round(attack_seconds, 3), "error": None,
     }

@@ -21,6 +21,7 @@ from bench.suite import Suite
 from bench.train import TrainConfig
 from bench.types import Dataset, Threat
 from defenses import REGISTRY as DEFENSES
+from defenses.base import Defense
 
 NO_BPDA = "none"
 
@@ -96,10 +97,10 @@ def _hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _bpda_params(defense_cls: Any, suite: Suite) -> list[dict[str, Any]]:
-    if not defense_cls.bpda_variants:
+def _bpda_params(defense: Defense, suite: Suite) -> list[dict[str, Any]]:
+    if not defense.bpda_variants:
         return [{"backward": NO_BPDA}]
-    chosen = dict.fromkeys(b if b in defense_cls.bpda_variants else "identity" for b in suite.bpda["backward"])
+    chosen = dict.fromkeys(b if b in defense.bpda_variants else "identity" for b in suite.bpda["backward"])
     return [{"backward": b, **({"z": suite.bpda["soft_z"]} if b == "soft" else {})} for b in chosen]
 
 
@@ -119,7 +120,8 @@ def expand(suite: Suite) -> list[Cell]:
                 attack_cls = ATTACKS.get(a.name)
                 attack_values = attack_cls.resolve(a.given, dataset)
                 for threat in a.threats:
-                    variants = _bpda_params(defense_cls, suite) if threat is Threat.BPDA else [{}]
+                    variants = (_bpda_params(defense_cls(dataset, defense_values), suite)
+                                if threat is Threat.BPDA else [{}])
                     for params in variants:
                         for eps in a.eps:
                             if attack_cls.clip_param:
@@ -145,7 +147,8 @@ def count(suite: Suite) -> int:
     total = 0
     for dataset in suite.datasets:
         for d in (d for d in suite.defenses if dataset in d.datasets):
-            variants = len(_bpda_params(DEFENSES.get(d.name), suite))
+            cls = DEFENSES.get(d.name)
+            variants = len(_bpda_params(cls(dataset, cls.resolve(d.given, dataset)), suite))
             for a in (a for a in suite.attacks if dataset in a.datasets):
                 per_threat = sum(variants if t is Threat.BPDA else 1 for t in a.threats)
                 total += per_threat * len(a.eps)

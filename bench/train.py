@@ -140,8 +140,8 @@ class ModelCache:
     root: Path
 
     def paths(self, dataset: str, label: str, key: str) -> tuple[Path, Path]:
-        stem = self.root / dataset / f"{_safe(label)}-{key}"
-        return stem.with_suffix(".pt"), stem.with_suffix(".json")
+        stem = f"{_safe(label)}-{key}"  # labels may hold dots (eps=0.3): never Path.with_suffix on the stem
+        return self.root / dataset / f"{stem}.pt", self.root / dataset / f"{stem}.json"
 
     def exists(self, dataset: str, label: str, fields: dict[str, Any]) -> bool:
         return self.paths(dataset, label, cache_key(fields))[0].is_file()
