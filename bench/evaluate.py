@@ -201,8 +201,15 @@ class Context:
         return cell
 
     def substitute_fields(self, cell: Cell) -> dict[str, Any]:
-        return {"kind": "substitute", "oracle": self.model_fields(self.oracle_cell(cell)), "blackbox": cell.blackbox,
-                "n": cell.n, "sample": cell.sample, "seed": cell.seed, "code": TRAIN_CODE_VERSION}
+        """The substitute's cache key: the oracle's weights *and* its whole defense (defenses that share weights,
+        like feature squeezing, still label differently), the black-box settings and the holdout."""
+        oracle = self.oracle_cell(cell)
+        return {"kind": "substitute", "oracle": self.model_fields(oracle), "oracle_defense": self.defense(oracle).id,
+                "blackbox": cell.blackbox, "n": cell.n, "sample": cell.sample, "seed": cell.seed,
+                "code": TRAIN_CODE_VERSION}
+
+    def substitute_label(self, cell: Cell) -> str:
+        return f"substitute-{self.defense(self.oracle_cell(cell)).id}"
 
     def substitute(self, cell: Cell) -> tuple[nn.Module, dict[str, Any]]:
         """The trained substitute of the cell and its facts (label queries); trained once, then cached."""
@@ -218,8 +225,8 @@ class Context:
                 model.load_state_dict(trained.state_dict())
                 return facts
 
-            model, facts = self.cache.get_or_train(cell.dataset.value, f"substitute-{self.model_label(oracle_cell)}",
-                                                   fields, lambda: SubstituteCNN(cell.dataset.shape), train)
+            model, facts = self.cache.get_or_train(cell.dataset.value, self.substitute_label(cell), fields,
+                                                   lambda: SubstituteCNN(cell.dataset.shape), train)
             return model.to(self.settings.device).eval().requires_grad_(False), facts
 
         return self._cached(("substitute", repr(fields)), make)

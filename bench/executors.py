@@ -7,6 +7,7 @@ reused from the per-process memo. Other executors (Ray, see :mod:`bench.ray_exec
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from threading import Event
 from typing import Any, Protocol
@@ -23,8 +24,9 @@ class Executor(Protocol):
         ...
 
 
-def evaluate_or_record_error(cell: Cell, ctx: Context) -> dict[str, Any]:
-    """``run_cell``, except that an attack or defense failure becomes an error record instead of an exception.
+def evaluate_or_record_error(cell: Cell, ctx: Context, *, keep_traceback: bool = False) -> dict[str, Any]:
+    """``run_cell``, except that an attack or defense failure becomes an error record instead of an exception
+    (with a ``traceback`` field when ``keep_traceback``: remote workers have no console to print it on).
 
     User errors (:class:`BenchError`, e.g. missing data) and Ctrl-C still propagate: they stop the run.
     """
@@ -34,7 +36,8 @@ def evaluate_or_record_error(cell: Cell, ctx: Context) -> dict[str, Any]:
     except (BenchError, Interrupted, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - a failing cell must not kill the grid; the record keeps the message
-        return error_record(cell, exc, time.perf_counter() - start)
+        record = error_record(cell, exc, time.perf_counter() - start)
+        return {**record, "traceback": traceback.format_exc()} if keep_traceback else record
 
 
 class LocalExecutor:

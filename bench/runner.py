@@ -165,8 +165,7 @@ def _forget_models(cells: list[Cell], ctx: Context) -> None:
     for cell in cells:
         targets = [(ctx.model_label(cell), ctx.model_fields(cell))]
         if cell.blackbox is not None:
-            oracle = ctx.oracle_cell(cell)
-            targets.append((f"substitute-{ctx.model_label(oracle)}", ctx.substitute_fields(cell)))
+            targets.append((ctx.substitute_label(cell), ctx.substitute_fields(cell)))
         for label, fields in targets:
             if repr(fields) not in seen:
                 seen.add(repr(fields))
@@ -182,4 +181,8 @@ def _defense_plots(cells: list[Cell], ctx: Context, plots: Path) -> None:
             continue
         seen.add((cell.dataset, defense.id))
         plots.mkdir(parents=True, exist_ok=True)
-        defense.plots(ctx.model(cell), plots)
+        try:
+            defense.plots(ctx.model(cell), plots)
+        except Exception as exc:  # noqa: BLE001 - a defense that failed to train already has error cells
+            warnings.warn(f"no figures for {cell.dataset.value} {defense.id}: {type(exc).__name__}: {exc}",
+                          stacklevel=2)

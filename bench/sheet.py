@@ -6,6 +6,7 @@ probability."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,9 +41,14 @@ def write(cells: list[Cell], ctx: Context, out: Path) -> list[Path]:
         rows, labels = [], []
         for cell in dict((c.defense_id, c) for c in candidates if c.attack == attack_name).values():
             cell = replace(cell, n=IMAGES, eps=eps)
-            model = ctx.model(cell)
+            try:
+                model = ctx.model(cell)
+                x_adv, rep, _, _ = ctx.craft(cell, model, cell.cell_seed)
+            except Exception as exc:  # noqa: BLE001 - failed defenses already have error cells; draw the others
+                warnings.warn(f"{cell.defense_id} left out of the example sheet: {type(exc).__name__}: {exc}",
+                              stacklevel=2)
+                continue
             _, x, _ = ctx.eval_set(cell)
-            x_adv, rep, _, _ = ctx.craft(cell, model, cell.cell_seed)
             x_adv = project(x_adv, x[rep], eps, "linf")
             preprocess = getattr(model, "preprocess", torch.nn.Identity())
             with torch.inference_mode():
@@ -51,6 +57,8 @@ def write(cells: list[Cell], ctx: Context, out: Path) -> list[Path]:
             pairs = zip(_caption(model, x, "clean"), _caption(model, x_adv, "adv"), strict=True)
             rows.append((cell.defense_id, panels))
             labels.append([text for clean, adv in pairs for text in (clean, adv, "after defense")])
+        if not rows:
+            continue
         title = (f"{dataset.value}: clean / adversarial ({attack_name}, white-box, ε = {eps:g}) / after the "
                  f"defense's preprocessing — prediction of the defended model (probability)")
         written.append(example_sheet(rows, labels, title, out / f"{dataset.value}-adversarial-examples.png"))
