@@ -29,7 +29,7 @@ from bench import __version__
 from bench.errors import Interrupted
 from bench.progress import bar as progress_bar
 
-BatchHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+BatchHook = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, x, y, progress=fraction done) -> (x, y)
 StepHook = Callable[[nn.Module], None]
 
 # Bumped when a change to the training code changes the weights it produces, so old cache entries are not reused.
@@ -109,7 +109,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, se
                     xb = flip_crop(xb, generator)
                 xb, yb = xb.to(device), yb.to(device)
                 if batch_hook is not None:
-                    xb, yb = batch_hook(model, xb, yb)
+                    xb, yb = batch_hook(model, xb, yb, progress=bar.n / total)
                     model.train()
                 loss = loss_fn(cfg.loss, model(xb), yb)
                 optimiser.zero_grad(set_to_none=True)

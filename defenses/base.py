@@ -66,8 +66,10 @@ class Defense(Component):
         """Training settings this defense imposes over the suite's (e.g. ``{"loss": "mse"}``)."""
         return {}
 
-    def training_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transform one training batch (data augmentation, adversarial examples); identity by default."""
+    def training_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       progress: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transform one training batch (data augmentation, adversarial examples); identity by default.
+        ``progress`` is the fraction of training steps already done (for schedules such as an eps warm-up)."""
         return x, y
 
     def after_step(self, model: nn.Module) -> None:

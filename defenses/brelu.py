@@ -37,7 +37,8 @@ class BoundedReLU(Defense):
     def activation(self) -> ActivationFactory:
         return partial(nn.Hardtanh, 0.0, self.values["t"])
 
-    def training_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       progress: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         if self.values["sigma"] == 0:
             return x, y
         noisy = (x + self.values["sigma"] * torch.randn_like(x)).clamp(0.0, 1.0)

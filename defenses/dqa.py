@@ -7,13 +7,14 @@ Written by hand: no attack/defense library (torchattacks, ART) ships quantized a
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
 from bench.models import ActivationFactory
 from bench.registry import Param
-from defenses.advtrain import pgd_batch, pgd_params
+from defenses.advtrain import EPOCHS, epochs_override, pgd_batch, pgd_params
 from defenses.base import REGISTRY, Defense
 
 
@@ -89,16 +90,20 @@ class QuantizedActivations(Defense):
         Param("adv_train", str, "pgd", "pgd: Madry PGD adversarial training (the paper's); none: clean training",
               choices=("pgd", "none"), short="adv", in_id=True),
         *pgd_params("adv_"),
+        EPOCHS,
     )
+
+    def training_overrides(self) -> dict[str, Any]:
+        return epochs_override(self.values)
 
     def activation(self) -> ActivationFactory:
         return partial(QuantizedActivation, self.values["bits"], self.values["mode"] == "dynamic")
 
-    def training_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        v = self.values
-        if v["adv_train"] == "none":
+    def training_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       progress: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.values["adv_train"] == "none":
             return x, y
-        return pgd_batch(model, x, y, v["adv_eps"], v["adv_steps"], v["adv_step_size"]), y
+        return pgd_batch(model, x, y, self.values, "adv_", progress), y
 
     def after_step(self, model: nn.Module) -> None:
         for module in model.modules():

@@ -65,7 +65,8 @@ def test_ids_traits_and_bench_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert defense("advtrain").id == "advtrain(eps=0.3)"
     assert defense("advtrain", steps=3).id == "advtrain(eps=0.3,steps=3)"
     assert defense("advtrain", Dataset.CIFAR10).values == {"eps": 8 / 255, "steps": 7, "step_size": 2 / 255,
-                                                           "epochs": 0}
+                                                           "warmup": 0.0, "epochs": 0}
+    assert defense("advtrain").values["warmup"] == 0.2
     assert defense("advtrain", epochs=2).training_overrides() == {"epochs": 2}
     assert defense("advtrain").training_overrides() == {}
     assert defense("squeeze", bits=3).weights_key() == {"defense": "none"}
