@@ -326,7 +326,7 @@ def record_base(cell: Cell) -> dict[str, Any]:
         "attack": cell.attack_id, "attack_name": cell.attack, "attack_params": cell.attack_values,
         "threat": cell.threat.value, "threat_params": cell.threat_params, "threat_label": cell.threat_label,
         "eps": cell.eps, "targeted": cell.targeted, "target": cell.attack_values.get("target", "none"),
-        "norm": ATTACKS.get(cell.attack).norm, "gradient_free": not ATTACKS.get(cell.attack).gradient,
+        "norm": ATTACKS.get(cell.attack).bound_norm(), "gradient_free": not ATTACKS.get(cell.attack).gradient,
         "iterative": ATTACKS.get(cell.attack).iterative, "purpose": cell.purpose, "n": cell.n,
         "seed": cell.cell_seed, "suite_seed": cell.seed, "cell_id": cell.key, "compute_id": cell.compute_key,
         **provenance.stamp(),
@@ -357,7 +357,7 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
             attacked = bpda_model(model, backward, cell.threat_params.get("z", 1.0))
         x_adv, rep, targets, counted = ctx.craft(cell, attacked, cell.cell_seed)
     attack_seconds = time.perf_counter() - start
-    x_adv = project(x_adv, x[rep], cell.eps, attack_cls.norm)
+    x_adv = project(x_adv, x[rep], cell.eps, attack_cls.bound_norm())
     pred = predict(model, x_adv)
     y_rep = y[rep]
     correct = pred == y_rep

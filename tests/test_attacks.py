@@ -97,7 +97,8 @@ def test_output_is_a_valid_image_batch_within_budget(setup: Any, name: str, give
 
 
 def test_traits_match_how_the_runner_projects() -> None:
-    assert REGISTRY.get("cw_l2").clip_param == "clip_linf" and REGISTRY.get("cw_l2").norm == "linf"
+    cw = REGISTRY.get("cw_l2")
+    assert cw.clip_param == "clip_linf" and cw.norm == "l2" and cw.bound_norm() == "linf"
     assert REGISTRY.get("hsja").bounded and REGISTRY.get("hsja").norm == "linf"
     assert not REGISTRY.get("square").gradient and not REGISTRY.get("hsja").gradient
     assert REGISTRY.get("pgd").check_convergence

@@ -46,6 +46,11 @@ class Attack(Component):
     def __init__(self, values: dict[str, Any]) -> None:
         self.values = values
 
+    @classmethod
+    def bound_norm(cls) -> str:
+        """The norm of the cell's eps: the attack's own, or L∞ when a ``clip_param`` bounds a minimum-norm attack."""
+        return "linf" if cls.clip_param else cls.norm
+
     @property
     def target_mode(self) -> str:
         return self.values.get("target", "none")

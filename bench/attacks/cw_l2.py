@@ -34,13 +34,12 @@ class CWL2(Attack):
     c = 1, kappa = 0, 100 steps, lr 0.01 (torchattacks' defaults, steps 50 → 100). That is a weak setting on
     MNIST (untargeted success ≈ 0.26 on a 1-epoch CNN, c = 10 with lr = 0.1: 0.94). ``clip_linf`` bounds the
     result's L∞ size (QuSecNets Fig. 10: 0.1 per pixel): the cell's eps is then clip_linf and the harness
-    projects into that L∞ ball, which is why the class ``norm`` trait (the norm the harness projects and
-    compares eps in) is ``linf``; the attack itself minimises L2.
+    projects into that L∞ ball (``Attack.bound_norm``).
     Example: ``{ name = "cw_l2", c = 10, lr = 0.1, clip_linf = 0.1, target = "random" }``.
     """
 
     name = "cw_l2"
-    norm = "linf"
+    norm = "l2"
     bounded = False
     clip_param = "clip_linf"
     params = (
