@@ -186,6 +186,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if drifts else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench import report
+    from bench.results import read_records
+
+    records = []
+    for directory in args.dirs:
+        path = Path(directory) / "cells.jsonl"
+        if not path.is_file():
+            raise BenchError(f"{path} does not exist: run the paper suites first (bench run suites/paper-mnist.toml)")
+        records += read_records(path)
+    out = Path(args.out)
+    out.write_text(report.render(records))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="Benchmark preprocessing defenses against "
                                      "adversarial examples, with adaptive attacks.")
@@ -240,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="print the evaluation red flags of DIR/cells.jsonl with their evidence")
     audit.add_argument("dir")
     audit.set_defaults(func=cmd_audit)
+
+    rep = sub.add_parser("report", help="write the claim-by-claim QuSecNets reproduction report from stored cells")
+    rep.add_argument("dirs", nargs="*", default=["results/paper-mnist", "results/paper-cifar10"],
+                     help="results directories (default: results/paper-mnist results/paper-cifar10)")
+    rep.add_argument("--out", default="results/REPRODUCTION.md", help="report file (default: results/REPRODUCTION.md)")
+    rep.set_defaults(func=cmd_report)
 
     compare = sub.add_parser("compare", help="check DIR's cells against REFERENCE's within tolerances "
                              "(exit 1 on drift)")

@@ -134,11 +134,11 @@ def render(records: Iterable[dict[str, Any]]) -> str:
         notes: list[str] = []
         display = frame.copy()
         for i, row in display.iterrows():
-            marks = []
+            marks: dict[str, str] = {}
             for flag in (f for f in raised if f.defense == row["defense"]):
                 notes.append(f"{flag.defense} `{flag.code}`: {flag.evidence}")
-                marks.append(f"{flag.code}[^{dataset}-{len(notes)}]")
-            display.at[i, "flags"] = ", ".join(marks)
+                marks[flag.code] = marks.get(flag.code, flag.code) + f"[^{dataset}-{len(notes)}]"
+            display.at[i, "flags"] = ", ".join(marks.values())
         display = display.map(_fmt)
         lines.append(display.to_markdown(index=False, disable_numparse=True))
         lines.append("")
