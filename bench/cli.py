@@ -4,6 +4,7 @@ traceback), 130 interrupted by Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import warnings
@@ -19,6 +20,18 @@ Command = Callable[[argparse.Namespace], int]
 
 def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse. By default it hands every freed block above its (adaptive) mmap
+    threshold back to the OS, so each forward/backward pass page-faults its activation buffers back in: 8-13 % of
+    an attack's time went to the kernel (see results/perf.md). Nothing to do where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the largest glibc accepts; attack batches stay below it
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap instead of returning it
 
 
 def _device(choice: str | None) -> str:
@@ -52,6 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device),
                         strict_data=args.strict_data)
     torch.set_num_threads(_threads())
+    _keep_freed_memory()
     executor = None
     if args.executor == "ray":
         from bench.ray_executor import RayExecutor
@@ -174,6 +188,34 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perf(args: argparse.Namespace) -> int:
+    import torch
+
+    from bench import perf
+    from bench.evaluate import Settings
+    from bench.types import Dataset
+
+    only = tuple(args.attacks.split(",")) if args.attacks else ()
+    unknown = sorted(set(only) - set(perf.ATTACKS))
+    if unknown:
+        raise BenchError(f"--attacks {args.attacks}: unknown {', '.join(unknown)}; expected some of "
+                         f"{', '.join(perf.ATTACKS)}")
+    settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device),
+                        batch=args.batch)
+    torch.set_num_threads(args.threads or _threads())
+    _keep_freed_memory()
+    rows, facts = perf.measure(Dataset(args.dataset), settings, args.images, args.repeats, only)
+    command = " ".join(["bench perf", f"--dataset {args.dataset}", f"--images {args.images}",
+                        f"--repeats {args.repeats}", *([f"--batch {args.batch}"] if args.batch else []),
+                        *([f"--attacks {args.attacks}"] if args.attacks else []),
+                        *([f"--threads {args.threads}"] if args.threads else [])])
+    block = perf.render(rows, facts, command)
+    print(block)
+    perf.write(Path(args.out), block)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from bench.compare import compare, load_dir
 
@@ -262,6 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="results directories (default: results/paper-mnist results/paper-cifar10)")
     rep.add_argument("--out", default="results/REPRODUCTION.md", help="report file (default: results/REPRODUCTION.md)")
     rep.set_defaults(func=cmd_report)
+
+    prf = sub.add_parser("perf", help="measure attack throughput: harness vs the model's speed limit, torchattacks "
+                         "and ART (writes results/perf.md)")
+    prf.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
+    prf.add_argument("--images", type=_positive_int, default=1000, help="test images per attack (default 1000; "
+                     "at most 50 for JSMA and ART's C&W, 20 for torchattacks' JSMA)")
+    prf.add_argument("--batch", type=_positive_int, help="attack batch of the harness and the "
+                     "libraries (default: the harness's own choice, bench.evaluate.attack_batch)")
+    prf.add_argument("--repeats", type=_positive_int, default=3, help="runs per measurement (default 3)")
+    prf.add_argument("--attacks", help="comma-separated subset of fgsm,bim,pgd,cw_l2,jsma (default: all)")
+    prf.add_argument("--threads", type=_positive_int, help="torch threads (default: the available cores)")
+    prf.add_argument("--out", default="results/perf.md", help="file whose measured block is replaced "
+                     "(default: results/perf.md)")
+    prf.add_argument("--data-dir")
+    prf.add_argument("--cache-dir")
+    prf.add_argument("--device")
+    prf.set_defaults(func=cmd_perf)
 
     compare = sub.add_parser("compare", help="check DIR's cells against REFERENCE's within tolerances "
                              "(exit 1 on drift)")

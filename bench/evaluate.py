@@ -9,6 +9,7 @@ is the same whichever process computes it and in whatever order.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,7 +36,8 @@ from bench.types import Dataset, Threat
 from defenses import REGISTRY as DEFENSES
 from defenses.base import Defense
 
-ATTACK_BATCH = {Dataset.MNIST: 500, Dataset.CIFAR10: 250}
+IMAGE_BYTES = {Dataset.MNIST: 1 << 20, Dataset.CIFAR10: 3 << 19}  # attack working memory per image, see attack_batch
+CPU_MAX_BATCH = 256
 CHANGED = 1e-6  # a pixel value counts as changed (l0) when it moved by more than this
 
 
@@ -51,6 +53,7 @@ class Settings:
     cache_dir: str | None = None
     device: str = "cpu"
     strict_data: bool = False
+    batch: int | None = None  # images per attack call; None: attack_batch's choice
 
 
 class CountingModel(nn.Module):
@@ -247,10 +250,10 @@ class Context:
         attack = ATTACKS.get(cell.attack)(cell.attack_values)
         counted = CountingModel(attacked)
         generator = torch.Generator().manual_seed(seed)
-        rep, targets = choose_targets(attack.target_mode, y, lambda xb: _logits(attacked, xb), x, generator)
+        rep, targets = choose_targets(attack.target_mode, y, lambda xb: _logits(counted, xb), x, generator)
         x_rep, y_rep = x[rep], y[rep]
         device = self.settings.device
-        batch = ATTACK_BATCH[cell.dataset]
+        batch = self.settings.batch or attack_batch(cell.dataset, device)
         out = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -266,6 +269,25 @@ class Context:
                     raise AttackFailed(f"{cell.attack} produced NaN or inf values")
                 out.append(adv.detach().cpu())
         return torch.cat(out), rep, targets, counted
+
+
+def attack_batch(dataset: Dataset, device: str) -> int:
+    """Images per attack call: the largest power of two whose working memory (``IMAGE_BYTES``: about twice the
+    measured peak of a forward+backward pass, 0.47 MiB per image on MNIST and 0.65 on CIFAR-10 for the heaviest
+    defense, DQA) fits in an eighth of the device's *total* memory; on a CPU at most ``CPU_MAX_BATCH``.
+
+    The CPU cap is measured on 2 cores (results/perf.md): forward+backward images/s is flat from 128 to 512 images
+    on MNIST (64 to 256 on CIFAR-10) and 15-20 % lower beyond, when the activations fall out of cache. Total
+    rather than free memory keeps the choice the same on every run of a machine: the batch does not change
+    FGSM/BIM/PGD/JSMA results (bit for bit), but attacks that decide per batch change with it (C&W's early stop,
+    HSJA's starting points, Square's seeds).
+    """
+    if device.startswith("cuda"):
+        memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fits = 1 << max(0, (memory // 8 // IMAGE_BYTES[dataset]).bit_length() - 1)
+    return fits if device.startswith("cuda") else min(fits, CPU_MAX_BATCH)
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
