@@ -62,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.suite import load_suite
 
     suite = load_suite(args.suite)
+    if args.no_progress:  # also the training and substitute bars, here and in Ray workers
+        os.environ["BENCH_NO_PROGRESS"] = "1"
     settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device),
                         strict_data=args.strict_data)
     torch.set_num_threads(_threads())

@@ -52,3 +52,13 @@ def test_check_ok_and_list(tmp_path: Path, bench_env: dict[str, str]) -> None:
 def test_leaderboard_of_an_empty_directory_exits_2(tmp_path: Path, bench_env: dict[str, str]) -> None:
     one_line_error(bench("leaderboard", str(tmp_path), env=bench_env), "cells.jsonl")
     one_line_error(bench("audit", str(tmp_path), env=bench_env), "cells.jsonl")
+
+
+def test_no_progress_silences_every_bar(tmp_path: Path, bench_env: dict[str, str]) -> None:
+    """Training and substitute bars too: a fresh model cache makes the run train."""
+    env = {k: v for k, v in bench_env.items() if k != "BENCH_NO_PROGRESS"}
+    env["BENCH_CACHE_DIR"] = str(tmp_path / "cache")
+    suite = tiny_suite(tmp_path / "s.toml", n=20, eps="[0.1]")
+    result = bench("run", str(suite), "--out", str(tmp_path / "out"), "--no-progress", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "train mnist" not in result.stderr and "batch" not in result.stderr
