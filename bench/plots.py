@@ -33,7 +33,7 @@ def accuracy_vs_eps(records: list[dict[str, Any]], out: Path) -> list[Path]:
     for (dataset, attack), cells in sorted(groups.items()):
         if len({r["eps"] for r in cells}) < 2:
             continue
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        fig, ax = plt.subplots(figsize=(11, 4.8))
         defenses = list(dict.fromkeys(r["defense"] for r in cells))
         colours = plt.get_cmap("tab20")(range(len(defenses)))
         for colour, defense in zip(colours, defenses, strict=True):
@@ -48,7 +48,7 @@ def accuracy_vs_eps(records: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_ylim(-2, 102)
         ax.set_title(f"{dataset}: {attack} — solid white-box, dashed BPDA, dash-dot black-box")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2, loc="upper right")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside: never on data
         written.append(_save(fig, out / f"{dataset}-{_slug(attack)}-accuracy-vs-eps.png"))
     return written
 
@@ -102,9 +102,19 @@ def example_sheet(rows: list[tuple[str, list[torch.Tensor]]], labels: list[list[
                 ax.set_yticks([])
                 ax.set_title(captions[3 * i + p], fontsize=6)
                 if i == 0 and p == 0:
-                    ax.set_ylabel(defense, fontsize=6)
+                    ax.set_ylabel(_wrap(defense), fontsize=6)
     fig.suptitle(title, fontsize=8)
     return _save(fig, path)
+
+
+def _wrap(defense: str, width: int = 18) -> str:
+    """A defense id on several lines, broken after its commas, to fit beside one row of small images."""
+    lines = [""]
+    for part in defense.replace(",", ", ").split(" "):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 def _slug(text: str) -> str:
@@ -114,7 +124,7 @@ def _slug(text: str) -> str:
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, bbox_inches="tight")  # keeps a legend placed beside the axes
     plt.close(fig)
     return path
 
