@@ -18,10 +18,6 @@ from bench.errors import BenchError
 Command = Callable[[argparse.Namespace], int]
 
 
-def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _keep_freed_memory() -> None:
     """Make glibc keep freed memory for reuse. By default it hands every freed block above its (adaptive) mmap
     threshold back to the OS, so each forward/backward pass page-faults its activation buffers back in: 8-13 % of
@@ -57,7 +53,7 @@ def _data_dir(arg: str | None) -> str | None:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.evaluate import Settings
+    from bench.evaluate import Settings, available_cores
     from bench.runner import default_out, run
     from bench.suite import load_suite
 
@@ -66,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ["BENCH_NO_PROGRESS"] = "1"
     settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device),
                         strict_data=args.strict_data)
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(available_cores())
     _keep_freed_memory()
     executor = None
     if args.executor == "ray":
@@ -146,7 +142,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_resilience(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.evaluate import Context, Settings
+    from bench.evaluate import Context, Settings, available_cores
     from bench.resilience import analyse, default_train, render, undefended_cell
     from bench.suite import RESILIENCE_PARAMS, load_suite
     from bench.types import Dataset
@@ -164,7 +160,7 @@ def cmd_resilience(args: argparse.Namespace) -> int:
     for p in RESILIENCE_PARAMS:
         if getattr(args, p.name) is not None:
             settings[p.name] = p.check(getattr(args, p.name), "<arguments>", f"--{p.name}")
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(available_cores())
     ctx = Context(Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device)))
     analysis = analyse(ctx, undefended_cell(dataset, train, seed), settings["eps"], settings["noise"],
                        settings["tolerance"], images=args.n, max_levels=args.max_levels)
@@ -194,7 +190,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
     import torch
 
     from bench import perf
-    from bench.evaluate import Settings
+    from bench.evaluate import Settings, available_cores
     from bench.types import Dataset
 
     only = tuple(args.attacks.split(",")) if args.attacks else ()
@@ -204,7 +200,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
                          f"{', '.join(perf.ATTACKS)}")
     settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device),
                         batch=args.batch)
-    torch.set_num_threads(args.threads or _threads())
+    torch.set_num_threads(args.threads or available_cores())
     _keep_freed_memory()
     rows, facts = perf.measure(Dataset(args.dataset), settings, args.images, args.repeats, only)
     command = " ".join(["bench perf", f"--dataset {args.dataset}", f"--images {args.images}",
@@ -311,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "and ART (writes results/perf.md)")
     prf.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
     prf.add_argument("--images", type=_positive_int, default=1000, help="test images per attack (default 1000; "
-                     "at most 50 for JSMA and ART's C&W, 20 for torchattacks' JSMA)")
+                     "at most 50 for JSMA and ART's C&W, 20 for torchattacks' JSMA, 10 for ART's C&W at batch 1)")
     prf.add_argument("--batch", type=_positive_int, help="attack batch of the harness and the "
                      "libraries (default: the harness's own choice, bench.evaluate.attack_batch)")
     prf.add_argument("--repeats", type=_positive_int, default=3, help="runs per measurement (default 3)")

@@ -271,6 +271,11 @@ class Context:
         return torch.cat(out), rep, targets, counted
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def attack_batch(dataset: Dataset, device: str) -> int:
     """Images per attack call: the largest power of two whose working memory (``IMAGE_BYTES``: about twice the
     measured peak of a forward+backward pass, 0.47 MiB per image on MNIST and 0.65 on CIFAR-10 for the heaviest

@@ -116,12 +116,12 @@ def expand(suite: Suite) -> list[Cell]:
         for d in (d for d in suite.defenses if dataset in d.datasets):
             defense_cls = DEFENSES.get(d.name)
             defense_values = defense_cls.resolve(d.given, dataset)
+            bpda_variants = _bpda_params(defense_cls(dataset, defense_values), suite)
             for a in (a for a in suite.attacks if dataset in a.datasets):
                 attack_cls = ATTACKS.get(a.name)
                 attack_values = attack_cls.resolve(a.given, dataset)
                 for threat in a.threats:
-                    variants = (_bpda_params(defense_cls(dataset, defense_values), suite)
-                                if threat is Threat.BPDA else [{}])
+                    variants = bpda_variants if threat is Threat.BPDA else [{}]
                     for params in variants:
                         for eps in a.eps:
                             if attack_cls.clip_param:

@@ -25,7 +25,7 @@ from bench.results import read_records, unpack_mask
 MASK_FIELDS = ("clean_mask", "robust_mask", "detected_mask")
 
 
-def _latest(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def last_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per cell id (the last written), in first-seen order."""
     by_id: dict[str, dict[str, Any]] = {}
     for r in records:
@@ -59,7 +59,7 @@ def headline_eps(records: Sequence[dict[str, Any]]) -> float | None:
 
 def tables(records: Iterable[dict[str, Any]]) -> dict[str, tuple[pd.DataFrame, list[flags_mod.Flag]]]:
     """Per dataset: the leaderboard as a DataFrame (fractions, None for missing) and its red flags."""
-    latest = _latest(records)
+    latest = last_records(records)
     raised = flags_mod.compute(latest)
     result = {}
     by_dataset: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -156,7 +156,7 @@ def render(records: Iterable[dict[str, Any]]) -> str:
 def csv_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """All records flat, without the per-image masks; parameter dicts as JSON text."""
     rows = []
-    for r in _latest(records):
+    for r in last_records(records):
         row = {k: v for k, v in r.items() if k not in MASK_FIELDS}
         for k, v in row.items():
             if isinstance(v, dict | list):
@@ -173,5 +173,5 @@ def write(out: Path, records: list[dict[str, Any]] | None = None) -> Path:
         records = read_records(out / "cells.jsonl")
     (out / "leaderboard.md").write_text(render(records))
     csv_frame(records).to_csv(out / "cells.csv", index=False)
-    plots.write(_latest(records), out / "plots")
+    plots.write(last_records(records), out / "plots")
     return out / "leaderboard.md"

@@ -8,7 +8,6 @@ keeps the numbers, and :func:`write` replaces only its measured block, keeping h
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
@@ -30,7 +29,7 @@ from art.estimators.classification import PyTorchClassifier
 from tabulate import tabulate
 from torch import nn
 
-from bench.evaluate import Context, CountingModel, Settings, attack_batch, choose_targets
+from bench.evaluate import Context, CountingModel, Settings, attack_batch, available_cores, choose_targets
 from bench.grid import expand
 from bench.models import predict
 from bench.suite import parse
@@ -212,7 +211,8 @@ def render(rows: list[Row], facts: dict[str, Any], command: str) -> str:
         f"## Attack throughput ({facts['dataset']})",
         "",
         " ".join([
-            f"`{command}`: {facts['threads']} torch threads on {platform.machine()} ({_cores()} cores), device "
+            f"`{command}`: {facts['threads']} torch threads on {platform.machine()} ({available_cores()} cores), "
+            f"device "
             f"{facts['device']}, torch {torch.__version__}. Each measurement runs {facts['repeats']} times: median, "
             "min–max beside it; (b) is measured again before each attack and pooled.",
             f"Model: undefended Cleverhans CNN trained {TRAIN['epochs']} epoch on the first "
@@ -235,10 +235,6 @@ def render(rows: list[Row], facts: dict[str, Any], command: str) -> str:
         tabulate(table, headers=header, tablefmt="github", disable_numparse=True),
         END,
     ])
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def write(path: Path, block: str) -> None:

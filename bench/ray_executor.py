@@ -28,7 +28,7 @@ from typing import Any
 
 from bench.data import resolve_dir
 from bench.errors import BenchError, Interrupted
-from bench.evaluate import Context, Settings, error_record
+from bench.evaluate import Context, Settings, available_cores, error_record
 from bench.executors import evaluate_or_record_error
 from bench.grid import Cell
 from bench.train import cache_key
@@ -136,8 +136,7 @@ class RayExecutor:
         quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
         logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
         if self.address is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            ray.init(address="local", num_cpus=cores, include_dashboard=False, **quiet)
+            ray.init(address="local", num_cpus=available_cores(), include_dashboard=False, **quiet)
             return True
         self._probe()
         try:

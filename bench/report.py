@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.leaderboard import _latest, worst_case
+from bench.leaderboard import last_records, worst_case
 
 Records = Sequence[dict[str, Any]]
 TOLERANCE = 0.10  # a figure reproduces the paper's when within 10 points (the paper gives no error bars)
@@ -21,8 +21,8 @@ TOLERANCE = 0.10  # a figure reproduces the paper's when within 10 points (the p
 
 def _matches(r: dict[str, Any], dataset: str, defense: str, attack: str, threat: str, eps: float | None,
              **params: Any) -> bool:
-    return (r["dataset"] == dataset and r["defense"] == defense and r["attack_name"] == attack and r["threat_label"] == threat and r.get("error") is None
-            and r.get("purpose", "grid") == "grid" and (eps is None or r["eps"] == eps)
+    return (r["dataset"] == dataset and r["defense"] == defense and r["attack_name"] == attack
+            and r["threat_label"] == threat and r.get("error") is None and r.get("purpose", "grid") == "grid" and (eps is None or r["eps"] == eps)
             and all(r["attack_params"].get(k) == v for k, v in params.items()))
 
 
@@ -122,7 +122,8 @@ def _improvement(dataset: str) -> Callable[[Records], Figures]:
                 if base is not None and best is not None:
                     gains[threat].append(best - base)
         base = worst(records, dataset, "none", eps)
-        bests = [worst(records, dataset, d, eps) for name in ("cq", "tq") for d in defenses_named(records, dataset, name)]
+        bests = [worst(records, dataset, d, eps)
+                 for name in ("cq", "tq") for d in defenses_named(records, dataset, name)]
         bests = [b for b in bests if b is not None]
         if base is not None and bests:
             gains["adaptive"].append(max(bests) - base)
@@ -218,7 +219,7 @@ def _pct(value: float | None, points: bool = False) -> str:
 
 def render(records: Records) -> str:
     """The whole REPRODUCTION.md."""
-    records = _latest(records)
+    records = last_records(records)
     rows = ["| # | claim | paper | ours: white-box | ours: black-box | ours: adaptive / worst case | verdict | how |",
             "|---|---|---|---|---|---|---|---|"]
     for i, claim in enumerate(CLAIMS, 1):

@@ -32,8 +32,8 @@ def write(cells: list[Cell], ctx: Context, out: Path) -> list[Path]:
     written = []
     for dataset in dict.fromkeys(c.dataset for c in cells):
         candidates = [c for c in cells if c.dataset is dataset and c.threat is Threat.WHITEBOX and c.eps is not None
-                      and c.eps < 1.0 and ATTACKS.get(c.attack).gradient and ATTACKS.get(c.attack).bound_norm() == "linf"
-                      and not c.targeted and c.purpose == "grid"]
+                      and c.eps < 1.0 and ATTACKS.get(c.attack).gradient
+                      and ATTACKS.get(c.attack).bound_norm() == "linf" and not c.targeted and c.purpose == "grid"]
         if not candidates:
             continue
         attack_name = candidates[0].attack

@@ -108,9 +108,10 @@ class FeatureSqueezing(Defense):
 
     Xu, Evans & Qi (NDSS 2018). Defaults are the paper's best squeezers: 1-bit depth on MNIST, 5-bit on CIFAR-10,
     2×2 median smoothing on both. ``squeezer = "both"`` chains bit depth then median in front of the classifier.
-    The classifier is the undefended model itself, not retrained (the harness loads ``none``'s weights). ``detect = true`` is Xu et al.'s detection mode instead: the classifier
-    runs on unsqueezed inputs and the squeezers (with ``both``: each one separately, the paper's joint detector)
-    only feed the detector, scored as ``detected_acc``. Threat: any norm. BPDA: identity backward through both.
+    The classifier is the undefended model itself, not retrained (the harness loads ``none``'s weights).
+    ``detect = true`` is Xu et al.'s detection mode instead: the classifier runs on unsqueezed inputs and the
+    squeezers (with ``both``: each one separately, the paper's joint detector) only feed the detector,
+    scored as ``detected_acc``. Threat: any norm. BPDA: identity backward through both.
     """
 
     name = "squeeze"
