@@ -50,6 +50,9 @@ class Cell:
         data["dataset"], data["threat"] = self.dataset.value, self.threat.value
         data["defense_values"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.defense_values.items()}
         del data["suite"], data["purpose"]
+        revision = ATTACKS.get(self.attack).revision
+        if revision:  # absent at 0, so the keys of adapters never revised stay what they were
+            data["attack_revision"] = revision
         return data
 
     @cached_property

@@ -136,6 +136,16 @@ def test_untargeted_attacks_fool_fgsm_easy_images(setup: Any, name: str, given: 
     assert fooled(model, adv, y[easy], None).float().mean() >= 0.8
 
 
+def test_cw_moves_pixels_at_the_ends_of_the_box(setup: Any) -> None:
+    """torchattacks maps pixels at exactly 0 or 1 to ±inf in tanh space, where they can never move; most of an
+    MNIST image is such pixels (the adapter starts at 0.999999 of the way, as Carlini's code does)."""
+    model, x, y = setup
+    adv, _, _ = attack("cw_l2", {}, model, x, y, None)
+    ends = (x == 0) | (x == 1)
+    assert ends.float().mean() > 0.5
+    assert ((adv - x).abs() > 0.01)[ends].sum() > 10 * N
+
+
 @pytest.mark.parametrize(("norm", "target"), [("l2", "none"), ("l2", "random"), ("linf", "none")])
 def test_hsja_moves_towards_the_image_and_stays_adversarial(setup: Any, norm: str, target: str) -> None:
     """It starts at the nearest batch image already in another (the target) class and gets closer in its norm."""

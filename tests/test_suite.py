@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from bench.attacks import REGISTRY as ATTACKS
 from bench.errors import SuiteError
 from bench.grid import count, expand
 from bench.suite import load_suite
@@ -39,6 +41,16 @@ def test_valid_suite_expands_to_its_grid(tmp_path: Path) -> None:
     bpda = next(c for c in cells if c.threat is Threat.BPDA and c.eps == 0.1)
     white = next(c for c in cells if c.threat is Threat.WHITEBOX and c.eps == 0.1)
     assert bpda.compute_key == white.key and bpda.cell_seed == white.cell_seed
+
+
+def test_a_revised_attack_gets_new_cell_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raising an adapter's revision (a fix that changes its results) changes its cells' keys, so a results
+    directory recomputes them instead of resuming; an adapter never revised keeps the keys it always had."""
+    cell = expand(load_suite(write(tmp_path, BASE)))[0]
+    assert "attack_revision" not in cell.spec()
+    monkeypatch.setattr(ATTACKS.get("fgsm"), "revision", 1)
+    revised = replace(cell)
+    assert revised.spec()["attack_revision"] == 1 and revised.key != cell.key
 
 
 @pytest.mark.parametrize(("text", "path", "expected"), [

@@ -34,6 +34,8 @@ class Attack(Component):
     on the substitute under ``blackbox`` and through BPDA under ``bpda``); ``iterative`` separates multi-step from
     single-step attacks for the ``single>iter`` red flag; ``check_convergence`` attacks (with a ``steps``
     parameter) are re-run with doubled steps at the largest eps for the ``not-converged`` red flag.
+    ``revision`` is raised when a fix changes an adapter's results: it is part of the cell key, so a results
+    directory never resumes a cell computed before the fix.
     """
 
     norm: ClassVar[str] = "linf"
@@ -42,6 +44,7 @@ class Attack(Component):
     iterative: ClassVar[bool] = True
     clip_param: ClassVar[str | None] = None
     check_convergence: ClassVar[bool] = False
+    revision: ClassVar[int] = 0
 
     def __init__(self, values: dict[str, Any]) -> None:
         self.values = values
