@@ -11,7 +11,7 @@ import torch
 
 from bench import data as data_mod
 from bench.attacks import REGISTRY
-from bench.evaluate import CountingModel, project
+from bench.evaluate import CountingModel, choose_targets, project
 from bench.models import CleverhansCNN
 from bench.train import TrainConfig, fit
 from bench.types import Dataset
@@ -94,6 +94,27 @@ def test_output_is_a_valid_image_batch_within_budget(setup: Any, name: str, give
     if eps is not None:
         projected = project(adv, x, eps, cls.norm)
         assert (projected - x).abs().max() <= eps + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["random", "next", "least_likely", "all"])
+def test_the_harness_never_targets_the_true_label(mode: str) -> None:
+    y = torch.arange(1000) % 10
+    scores = torch.randn(1000, 10, generator=torch.Generator().manual_seed(1))
+    scores[torch.arange(1000), y] = -100.0  # the true class is the least likely: it must still not be picked
+    index, target = choose_targets(mode, y, lambda _: scores, torch.zeros(1000), torch.Generator().manual_seed(0))
+    assert target is not None and (target != y[index]).all()
+    if mode == "all":
+        assert torch.equal(index, torch.arange(1000).repeat_interleave(9))
+        assert all(len(set(row.tolist())) == 9 for row in target.view(1000, 9))
+    else:
+        assert torch.equal(index, torch.arange(1000))
+    if mode == "random":
+        again = choose_targets(mode, y, lambda _: scores, torch.zeros(1000), torch.Generator().manual_seed(0))[1]
+        other = choose_targets(mode, y, lambda _: scores, torch.zeros(1000), torch.Generator().manual_seed(1))[1]
+        assert torch.equal(target, again) and not torch.equal(target, other)
+        assert len(target.unique()) == 10
+    if mode == "least_likely":
+        assert torch.equal(target, scores.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), torch.inf).argmin(1))
 
 
 def test_traits_match_how_the_runner_projects() -> None:
