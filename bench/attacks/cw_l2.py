@@ -1,4 +1,4 @@
-"""Carlini & Wagner L2 adapter (torchattacks, with the margin of the authors' reference code)."""
+"""Carlini & Wagner L2 adapter (torchattacks, with the margin and start point of the authors' reference code)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class _CW(torchattacks.CW):
 
 @REGISTRY.register
 class CWL2(Attack):
-    """Carlini & Wagner L2, minimum-norm (Carlini & Wagner, IEEE S&P 2017; torchattacks.CW, fixed margin).
+    """Carlini & Wagner L2, minimum-norm (Carlini & Wagner, IEEE S&P 2017; torchattacks.CW, margin and start fixed).
 
     Minimises ‖δ‖² + c·f(x + δ) with Adam in tanh space; no binary search over c (torchattacks). Defaults:
     c = 1, kappa = 0, 100 steps, lr 0.1. torchattacks' lr 0.01 suits Carlini's 10,000 steps, not 100: pixels
