@@ -39,6 +39,7 @@ TRAIN = {"epochs": 1, "train_limit": 5000}
 EPS = {Dataset.MNIST: 0.3, Dataset.CIFAR10: 8 / 255}
 STEPS, CW_STEPS = 10, 30
 CW_C = 100.0  # large enough that torchattacks' early stop (cost rising) does not end C&W before its 30 steps
+CW_LR = 0.01  # one Adam learning rate for the harness and both libraries
 ATTACKS = ("fgsm", "bim", "pgd", "cw_l2", "jsma")
 BEGIN, END = "<!-- bench perf: begin -->", "<!-- bench perf: end -->"
 
@@ -74,7 +75,7 @@ def _art(make: Callable[[PyTorchClassifier, int], Any]) -> Library:
 
 
 def _art_cw(classifier: PyTorchClassifier, batch: int) -> CarliniL2Method:
-    return CarliniL2Method(classifier, confidence=0.0, learning_rate=0.01, binary_search_steps=1, max_iter=CW_STEPS,
+    return CarliniL2Method(classifier, confidence=0.0, learning_rate=CW_LR, binary_search_steps=1, max_iter=CW_STEPS,
                            initial_const=CW_C, batch_size=batch, verbose=False)
 
 
@@ -99,9 +100,9 @@ def cases(dataset: Dataset, images: int, batch: int) -> list[Case]:
             "torchattacks": (images, _torchattacks(lambda m: torchattacks.PGD(m, eps=eps, alpha=alpha, steps=STEPS))),
             "ART": (images, _art(lambda c, b: ProjectedGradientDescentPyTorch(
                 c, eps=eps, eps_step=alpha, max_iter=STEPS, num_random_init=1, batch_size=b, verbose=False)))}),
-        Case({"name": "cw_l2", "steps": CW_STEPS, "c": CW_C}, images, {
+        Case({"name": "cw_l2", "steps": CW_STEPS, "c": CW_C, "lr": CW_LR}, images, {
             "torchattacks": (images, _torchattacks(lambda m: torchattacks.CW(m, c=CW_C, kappa=0.0, steps=CW_STEPS,
-                                                                              lr=0.01))),
+                                                                              lr=CW_LR))),
             "ART": (few, _art(_art_cw)),
             "ART, batch 1 (its default)": (min(images, 10), _art(lambda c, b: _art_cw(c, 1)))}),
         Case({"name": "jsma", "target": "random"}, min(images, batch), {
@@ -212,8 +213,7 @@ def render(rows: list[Row], facts: dict[str, Any], command: str) -> str:
         "",
         " ".join([
             f"`{command}`: {facts['threads']} torch threads on {platform.machine()} ({available_cores()} cores), "
-            f"device "
-            f"{facts['device']}, torch {torch.__version__}. Each measurement runs {facts['repeats']} times: median, "
+            f"device {facts['device']}, torch {torch.__version__}. Each measurement runs {facts['repeats']} times: median, "
             "min–max beside it; (b) is measured again before each attack and pooled.",
             f"Model: undefended Cleverhans CNN trained {TRAIN['epochs']} epoch on the first "
             f"{TRAIN['train_limit']:,} training images through the model cache (clean accuracy "
@@ -221,7 +221,7 @@ def render(rows: list[Row], facts: dict[str, Any], command: str) -> str:
             f"Batches of {facts['batch']} images (`bench.evaluate.attack_batch` unless `--batch`) for the model rows, "
             "the harness and the direct library calls alike.",
             f"Eps {EPS[Dataset(facts['dataset'])]:.4g}; BIM and PGD {STEPS} steps; C&W-L2 {CW_STEPS} Adam steps, "
-            f"c = {CW_C:g}, lr = 0.01 (ART: 1 binary-search step of {CW_STEPS} iterations, its default line search); "
+            f"c = {CW_C:g}, lr = {CW_LR:g} (ART: 1 binary-search step of {CW_STEPS} iterations, its default line search); "
             "JSMA theta 1, gamma 0.1, the harness's seeded random targets.",
             "ART's C&W runs once at the common batch (the fair comparison of the two loops) and once at its own "
             "default batch of 1 image, as a user calling it with defaults gets it.",

@@ -22,7 +22,8 @@ TOLERANCE = 0.10  # a figure reproduces the paper's when within 10 points (the p
 def _matches(r: dict[str, Any], dataset: str, defense: str, attack: str, threat: str, eps: float | None,
              **params: Any) -> bool:
     return (r["dataset"] == dataset and r["defense"] == defense and r["attack_name"] == attack
-            and r["threat_label"] == threat and r.get("error") is None and r.get("purpose", "grid") == "grid" and (eps is None or r["eps"] == eps)
+            and r["threat_label"] == threat and r.get("error") is None and r.get("purpose", "grid") == "grid"
+            and (eps is None or r["eps"] == eps)
             and all(r["attack_params"].get(k) == v for k, v in params.items()))
 
 
