@@ -63,6 +63,14 @@ class Attack(Component):
         """Adversarial versions of ``x`` (labels ``y``); ``target`` holds target labels when targeted."""
         raise NotImplementedError
 
+    def components(self) -> list[tuple[str, Attack]]:
+        """An ensemble's attacks in order, as (label, adapter); empty for a single attack.
+
+        The harness, not the adapter, runs an ensemble: each component only on the images still robust on the
+        defended model after the previous ones (AutoAttack's rule), with a per-image robust mask per component.
+        """
+        return []
+
     @staticmethod
     def torchattacks_call(attack: Any, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """Run a torchattacks attack untargeted on ``y`` or targeted on ``target`` (its 'by label' mode)."""
