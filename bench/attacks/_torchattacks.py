@@ -59,4 +59,4 @@ def call(attack: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     where CQ's ``hard`` steps turn back into sigmoids for whatever runs on it next.
     """
     with training_flags_kept(model):
-        return attack(x, y)
+        return attack(x, y).detach()  # APGD's result is still attached to the graph of its last step
