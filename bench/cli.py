@@ -53,8 +53,8 @@ def _data_dir(arg: str | None) -> str | None:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.evaluate import Settings, available_cores
     from bench.runner import default_out, run
+    from bench.settings import Settings, available_cores
     from bench.suite import load_suite
 
     suite = load_suite(args.suite)
@@ -70,6 +70,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         executor = RayExecutor(address=args.address, cpus_per_cell=args.cpus_per_cell,
                                gpus_per_cell=args.gpus_per_cell)
+    if args.dry_run:
+        from bench.estimate import estimate
+        from bench.evaluate import Context
+        from bench.runner import plan
+
+        print(estimate(plan(suite, args.limit), Context(settings)).describe())
+        return 0
     out = Path(args.out) if args.out else default_out(suite, args.limit)
     summary = run(suite, out, settings, limit=args.limit, fresh=args.fresh, executor=executor,
                   progress=not args.no_progress)
@@ -124,7 +131,13 @@ def cmd_list(args: argparse.Namespace) -> int:
                                  maxcolwidths=[None, 18, 30, 60])
                 print("\n".join("    " + line for line in table.splitlines()))
             print()
-    print("Threat models: whitebox, blackbox, bpda (see README, 'Threat models').")
+    from bench.threats import REGISTRY as THREATS
+
+    print("Threat models (attack entries' `threat`; settings in the suite table of the same name)\n")
+    for cls in THREATS:
+        print(f"  {cls.name} ({cls.short}): {cls.summary()}")
+        for p in cls.params:
+            print(f"    {p.name} = {fmt_value(p.default)}: {p.describe()}; {p.doc}")
     return 0
 
 
@@ -142,8 +155,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_resilience(args: argparse.Namespace) -> int:
     import torch
 
-    from bench.evaluate import Context, Settings, available_cores
+    from bench.evaluate import Context
     from bench.resilience import analyse, default_train, render, undefended_cell
+    from bench.settings import Settings, available_cores
     from bench.suite import RESILIENCE_PARAMS, load_suite
     from bench.types import Dataset
 
@@ -190,7 +204,7 @@ def cmd_perf(args: argparse.Namespace) -> int:
     import torch
 
     from bench import perf
-    from bench.evaluate import Settings, available_cores
+    from bench.settings import Settings, available_cores
     from bench.types import Dataset
 
     only = tuple(args.attacks.split(",")) if args.attacks else ()
@@ -256,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "~/.cache/qusec-bench/models)")
     run.add_argument("--limit", type=_positive_int, help="evaluate only the first N test images of each dataset")
     run.add_argument("--fresh", action="store_true", help="recompute every cell and retrain the models it uses")
+    run.add_argument("--dry-run", action="store_true", help="plan only: print the cells, the models to train and "
+                     "an estimated wall time from a short throughput probe on the device; run nothing")
     run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--strict-data", action="store_true", help="refuse data files that differ from the official "
                      "release instead of using them with a warning")
@@ -309,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     prf.add_argument("--images", type=_positive_int, default=1000, help="test images per attack (default 1000; "
                      "at most 50 for JSMA and ART's C&W, 20 for torchattacks' JSMA, 10 for ART's C&W at batch 1)")
     prf.add_argument("--batch", type=_positive_int, help="attack batch of the harness and the "
-                     "libraries (default: the harness's own choice, bench.evaluate.attack_batch)")
+                     "libraries (default: the harness's own choice, bench.craft.attack_batch)")
     prf.add_argument("--repeats", type=_positive_int, default=3, help="runs per measurement (default 3)")
     prf.add_argument("--attacks", help="comma-separated subset of fgsm,bim,pgd,cw_l2,jsma (default: all)")
     prf.add_argument("--threads", type=_positive_int, help="torch threads (default: the available cores)")

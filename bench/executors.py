@@ -13,8 +13,9 @@ from threading import Event
 from typing import Any, Protocol
 
 from bench.errors import BenchError, Interrupted
-from bench.evaluate import Context, Settings, error_record, run_cell
+from bench.evaluate import Context, error_record, run_cell
 from bench.grid import Cell
+from bench.settings import Settings
 
 
 class Executor(Protocol):
@@ -49,7 +50,6 @@ class LocalExecutor:
     def run(self, cells: list[Cell], settings: Settings, stop: Event,
             on_start: Callable[[Cell], None]) -> Iterator[dict[str, Any]]:
         ctx = self.context or Context(settings, stop=stop)
-        ctx.stop = stop
         for cell in cells:
             ctx.check_stop()
             on_start(cell)

@@ -17,8 +17,10 @@ SINGLE_ITER_MARGIN = 0.02  # a single-step attack beats an iterative one by more
 NOT_CONVERGED_MARGIN = 0.02  # doubling PGD steps lowers accuracy by more than this
 NO_ZERO_LEVEL = 0.05  # accuracy an unbounded (eps >= 1) PGD must reach
 TRANSFER_MARGIN = 0.02  # black-box beats white-box (same attack, same eps) by more than this
+NO_GRAD_LEVEL = 0.01  # input gradient zero or non-finite for more than this fraction of the evaluated images
+UNSTABLE_LEVEL = 0.05  # share of the loss gain of surviving images that came in the attack's last 10 % of steps
 
-CODES = ("masking", "single>iter", "not-converged", "no-zero", "transfer>wb")
+CODES = ("masking", "single>iter", "not-converged", "no-zero", "transfer>wb", "no-grad", "random", "unstable-loss")
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ def _check(cells: list[dict[str, Any]]) -> Iterable[tuple[str, str]]:
     for eps in sorted(by_eps):
         same = by_eps[eps]
         white = _best(r for r in same if r["threat"] == "whitebox" and not r["gradient_free"])
-        other = _best(r for r in same if r["threat"] in ("bpda", "blackbox") or r["gradient_free"])
+        other = _best(r for r in same if r["threat"] != "whitebox" or r["gradient_free"])
         if white and other and other["robust_acc"] < white["robust_acc"] - MASKING_MARGIN:
             yield "masking", (f"eps={eps:g}: {_label(other)} {_pct(other['robust_acc'])} < strongest plain white-box "
                               f"{_label(white)} {_pct(white['robust_acc'])}")
@@ -91,9 +93,30 @@ def _check(cells: list[dict[str, Any]]) -> Iterable[tuple[str, str]]:
             yield "not-converged", (f"eps={check['eps']:g}: {base['attack']} {base['threat_label']} "
                                     f"{_pct(base['robust_acc'])} → {check['attack']} {_pct(check['robust_acc'])} "
                                     f"with doubled steps")
+    yield from _probes(cells)
     unbounded = [r for r in grid if r["attack_name"] == "pgd" and r["eps"] is not None and r["eps"] >= 1.0
                  and r["threat"] in ("whitebox", "bpda")]
     strongest = _best(unbounded)
     if strongest and strongest["robust_acc"] > NO_ZERO_LEVEL:
         yield "no-zero", (f"{_label(strongest)} leaves {_pct(strongest['robust_acc'])} correct at an unbounded "
                           f"budget: the attack, not the defense, is failing")
+
+
+def _probes(cells: list[dict[str, Any]]) -> Iterable[tuple[str, str]]:
+    """Flags from what the harness measured on the model and inside the attacks (AutoAttack's checks, Pintor et
+    al. 2022's indicators of attack failure)."""
+    dead = max((r for r in cells if r.get("grad_zero") is not None), key=lambda r: r["grad_zero"], default=None)
+    if dead and dead["grad_zero"] > NO_GRAD_LEVEL:
+        yield "no-grad", (f"the input gradient through the defended model is zero or non-finite for "
+                          f"{_pct(dead['grad_zero'])} of the evaluated images: white-box gradient attacks cannot "
+                          f"work; trust bpda and gradient-free attacks")
+    if any(r.get("randomized") for r in cells):
+        yield "random", ("two forward passes on the same input differ: a randomized defense; gradient attacks need "
+                         "Expectation over Transformation, and early stops were off")
+    unstable = [r for r in cells if r.get("late_loss_gain") is not None and r["late_loss_gain"] > UNSTABLE_LEVEL
+                and r["threat"] != "blackbox"]
+    worst = max(unstable, key=lambda r: r["late_loss_gain"], default=None)
+    if worst:
+        yield "unstable-loss", (f"{_label(worst)}: {_pct(worst['late_loss_gain'])} of the loss gain of the images it "
+                                f"did not break came in its last 10 % of steps (still rising: more steps or restarts "
+                                f"may break more)")

@@ -18,12 +18,14 @@ from typing import Any
 from bench.attacks import REGISTRY as ATTACKS
 from bench.errors import SuiteError
 from bench.suite import Suite
+from bench.threats import REGISTRY as THREATS
 from bench.train import TrainConfig
-from bench.types import Dataset, Threat
+from bench.types import Dataset
 from defenses import REGISTRY as DEFENSES
-from defenses.base import Defense
 
-NO_BPDA = "none"
+# Bumped when the scoring of cells changes: part of every cell key, so records scored the old way are recomputed,
+# never resumed. 1: robust and success conditioned on clean correctness (AutoAttack's convention).
+SCORING_REVISION = 1
 
 
 @dataclass(frozen=True)
@@ -38,21 +40,22 @@ class Cell:
     defense_values: dict[str, Any]
     attack: str
     attack_values: dict[str, Any]
-    threat: Threat
+    threat: str
     eps: float | None
     threat_params: dict[str, Any] = field(default_factory=dict)
-    blackbox: dict[str, Any] | None = None
     purpose: str = "grid"
+    keep_examples: bool = False
 
     def spec(self) -> dict[str, Any]:
         """Everything that determines the cell's result, as JSON-able data."""
         data = asdict(self)
-        data["dataset"], data["threat"] = self.dataset.value, self.threat.value
+        data["dataset"] = self.dataset.value
         data["defense_values"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.defense_values.items()}
-        del data["suite"], data["purpose"]
+        del data["suite"], data["purpose"], data["keep_examples"]
         revision = ATTACKS.get(self.attack).revision
         if revision:  # absent at 0, so the keys of adapters never revised stay what they were
             data["attack_revision"] = revision
+        data["scoring"] = SCORING_REVISION
         return data
 
     @cached_property
@@ -62,8 +65,8 @@ class Cell:
     @cached_property
     def compute_key(self) -> str:
         """Equal for cells that are one computation (``bpda`` without anything to approximate = ``whitebox``)."""
-        if self.threat is Threat.BPDA and self.threat_params.get("backward") == NO_BPDA:
-            return replace(self, threat=Threat.WHITEBOX, threat_params={}).key
+        if THREATS.get(self.threat).same_as_whitebox(self.threat_params):
+            return replace(self, threat="whitebox", threat_params={}).key
         return self.key
 
     @property
@@ -84,11 +87,8 @@ class Cell:
 
     @property
     def threat_label(self) -> str:
-        """The threat as shown in tables: ``wb``, ``bb``, ``bpda``, ``bpda-soft`` ..."""
-        backward = self.threat_params.get("backward")
-        if self.threat is Threat.BPDA and backward not in (None, "identity", NO_BPDA):
-            return f"bpda-{backward}"
-        return self.threat.short
+        """The threat as shown in tables: ``wb``, ``bb``, ``bpda``, ``bpda-soft``, ``obl`` ..."""
+        return THREATS.get(self.threat).label(self.threat_params)
 
     def describe(self) -> str:
         eps = "" if self.eps is None else f" eps={self.eps:g}"
@@ -100,15 +100,18 @@ def _hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _bpda_params(defense: Defense, suite: Suite) -> list[dict[str, Any]]:
-    if not defense.bpda_variants:
-        return [{"backward": NO_BPDA}]
-    chosen = dict.fromkeys(b if b in defense.bpda_variants else "identity" for b in suite.bpda["backward"])
-    return [{"backward": b, **({"z": suite.bpda["soft_z"]} if b == "soft" else {})} for b in chosen]
+def _variants(suite: Suite, dataset: Dataset, defense: str, values: dict[str, Any],
+              threat: str) -> list[dict[str, Any]]:
+    return THREATS.get(threat).variants(DEFENSES.get(defense)(dataset, values), suite.threats.get(threat, {}))
 
 
 def expand(suite: Suite) -> list[Cell]:
-    """All cells of ``suite`` in evaluation order (grouped by dataset, then defense); refuses oversized grids."""
+    """All cells of ``suite`` in evaluation order (grouped by dataset, then defense); refuses oversized grids.
+
+    Convergence checks (doubled steps at the largest eps) are added for attacks that ask for them; the cells of
+    the first untargeted L∞ gradient attack under ``whitebox`` at its largest eps below 1 keep a few adversarial
+    examples for the example sheet.
+    """
     total = count(suite)
     if total > suite.max_cells:
         raise SuiteError(suite.source, "max_cells",
@@ -116,24 +119,25 @@ def expand(suite: Suite) -> list[Cell]:
                          f"shrink the suite or raise max_cells")
     cells: dict[str, Cell] = {}
     for dataset, spec in suite.datasets.items():
+        sheet = _sheet_attack(suite, dataset)
         for d in (d for d in suite.defenses if dataset in d.datasets):
-            defense_cls = DEFENSES.get(d.name)
-            defense_values = defense_cls.resolve(d.given, dataset)
-            bpda_variants = _bpda_params(defense_cls(dataset, defense_values), suite)
+            defense_values = DEFENSES.get(d.name).resolve(d.given, dataset)
             for a in (a for a in suite.attacks if dataset in a.datasets):
                 attack_cls = ATTACKS.get(a.name)
                 attack_values = attack_cls.resolve(a.given, dataset)
                 for threat in a.threats:
-                    variants = bpda_variants if threat is Threat.BPDA else [{}]
+                    variants = _variants(suite, dataset, d.name, defense_values, threat)
                     for params in variants:
                         for eps in a.eps:
                             if attack_cls.clip_param:
                                 eps = attack_values[attack_cls.clip_param]
+                            examples = threat == "whitebox" and a is sheet and eps == _sheet_eps(a)
                             cell = Cell(suite.name, dataset, spec.n, spec.sample, suite.seed, spec.train, d.name,
                                         defense_values, a.name, attack_values, threat, eps, params,
-                                        suite.blackbox if threat is Threat.BLACKBOX else None)
+                                        keep_examples=examples)
                             cells.setdefault(cell.key, cell)
-                    if suite.checks["convergence"] and attack_cls.check_convergence and threat is not Threat.BLACKBOX:
+                    if (suite.checks["convergence"] and attack_cls.check_convergence
+                            and not THREATS.get(threat).transfer):
                         bounded = [e for e in a.eps if e is not None and e < 1.0]
                         if bounded:
                             doubled = {**attack_values, "steps": 2 * attack_values["steps"]}
@@ -145,14 +149,30 @@ def expand(suite: Suite) -> list[Cell]:
     return list(cells.values())
 
 
+def _sheet_attack(suite: Suite, dataset: Dataset) -> Any:
+    """The suite entry whose white-box examples the example sheet shows: the first untargeted L∞ gradient attack
+    with an eps below 1."""
+    for a in suite.attacks:
+        cls = ATTACKS.get(a.name)
+        values = cls.resolve(a.given, dataset)
+        if (dataset in a.datasets and "whitebox" in a.threats and cls.gradient and cls.bounded
+                and cls.bound_norm() == "linf" and values.get("target", "none") == "none"
+                and any(e < 1.0 for e in a.eps)):
+            return a
+    return None
+
+
+def _sheet_eps(entry: Any) -> float:
+    return max(e for e in entry.eps if e < 1.0)
+
+
 def count(suite: Suite) -> int:
     """The number of grid cells, computed without building them (convergence checks not included)."""
     total = 0
     for dataset in suite.datasets:
         for d in (d for d in suite.defenses if dataset in d.datasets):
-            cls = DEFENSES.get(d.name)
-            variants = len(_bpda_params(cls(dataset, cls.resolve(d.given, dataset)), suite))
+            values = DEFENSES.get(d.name).resolve(d.given, dataset)
             for a in (a for a in suite.attacks if dataset in a.datasets):
-                per_threat = sum(variants if t is Threat.BPDA else 1 for t in a.threats)
+                per_threat = sum(len(_variants(suite, dataset, d.name, values, t)) for t in a.threats)
                 total += per_threat * len(a.eps)
     return total

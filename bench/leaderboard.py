@@ -1,10 +1,11 @@
 """The leaderboard: a pure function from cell records to markdown (and a flat CSV). It computes nothing that is
 not in the records: worst cases come from the stored per-image masks, red flags from :mod:`bench.flags`.
 
-Per dataset, one table: rows are defenses, columns are clean accuracy, each attack × threat × eps, the
-per-image worst case at each L∞ eps (an image counts only if it survives every attack run on that defense
-within that eps) and over all attacks, and the red-flag column with footnoted evidence. Rows are sorted by the
-worst case at the largest eps below 1 (the headline budget), then by the overall worst case.
+Per dataset, a headline table first (defense, clean accuracy, the per-image worst case at each L∞ eps, flags),
+RobustBench style, sorted by the worst case at the main eps (the largest L∞ eps below 1); then the detailed table:
+rows are defenses, columns are clean accuracy, each attack × threat × eps, the worst case at each eps and over
+every bounded attack, sanity-check cells (eps ≥ 1, which never enter a worst case) and the red-flag column with
+footnoted evidence; then, for ensembles such as AutoAttack, what each component left standing.
 """
 
 from __future__ import annotations
@@ -19,19 +20,36 @@ import numpy as np
 import pandas as pd
 
 from bench import flags as flags_mod
-from bench import plots
+from bench import plots, sheet
+from bench.errors import BenchError
 from bench.results import read_records, unpack_mask
 
-MASK_FIELDS = ("clean_mask", "robust_mask", "detected_mask")
+MASK_FIELDS = ("clean_mask", "robust_mask", "detected_mask", "examples")
+SANITY_EPS = 1.0  # cells at eps ≥ this are sanity checks (every image can become any other)
 
 
 def last_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per cell id (the last written), in first-seen order."""
+    """One record per cell id (the last written), in first-seen order; refuses a record whose robust images are
+    not a subset of its clean-correct ones (robust ⊆ clean is the scoring's invariant)."""
     by_id: dict[str, dict[str, Any]] = {}
     for r in records:
         by_id.pop(r["cell_id"], None)
         by_id[r["cell_id"]] = r
+    for r in by_id.values():
+        check_robust_within_clean(r)
     return list(by_id.values())
+
+
+def check_robust_within_clean(r: dict[str, Any]) -> None:
+    """Raise a :class:`BenchError` naming the cell when an image counts as robust but not as clean-correct."""
+    if r.get("error") is not None or "robust_mask" not in r or "clean_mask" not in r:
+        return
+    n = r["n"]
+    robust, clean = unpack_mask(r["robust_mask"], n), unpack_mask(r["clean_mask"], n)
+    if (robust & ~clean).any() or (r["robust_acc"] is not None and r["robust_acc"] > r["clean_acc"] + 1e-9):
+        raise BenchError(f"cell {r['cell_id']} ({r['dataset']} {r['defense']} {column(r)}) counts "
+                         f"{int((robust & ~clean).sum())} image(s) as robust that are misclassified clean: it was "
+                         f"scored before clean-conditioned scoring (run the suite again to recompute it)")
 
 
 def column(r: dict[str, Any]) -> str:
@@ -39,26 +57,31 @@ def column(r: dict[str, Any]) -> str:
     return f"{r['attack']} {r['threat_label']}{eps}"
 
 
+def is_sanity(r: dict[str, Any]) -> bool:
+    return r["eps"] is not None and r["eps"] >= SANITY_EPS
+
+
 def worst_case(cells: Sequence[dict[str, Any]], max_eps: float | None) -> float | None:
-    """Fraction of images correct under every attack in ``cells`` (within L∞ ``max_eps``; None: all attacks)."""
-    chosen = [r for r in cells if max_eps is None or (r["eps"] is not None and r["norm"] == "linf"
-                                                      and r["eps"] <= max_eps)]
+    """Fraction of images correct clean and under every attack in ``cells`` within L∞ ``max_eps`` (None: every
+    bounded attack below the sanity budget); minimum-norm attacks without a bound and sanity cells never count."""
+    chosen = [r for r in cells if r["eps"] is not None and not is_sanity(r)
+              and (max_eps is None or (r["norm"] == "linf" and r["eps"] <= max_eps))]
     if not chosen:
         return None
     n = chosen[0]["n"]
     survived = np.ones(n, dtype=bool)
     for r in chosen:
-        survived &= unpack_mask(r["robust_mask"], n)
+        survived &= unpack_mask(r["robust_mask"], n) & unpack_mask(r["clean_mask"], n)
     return float(survived.mean())
 
 
 def headline_eps(records: Sequence[dict[str, Any]]) -> float | None:
-    bounded = [r["eps"] for r in records if r["eps"] is not None and r["norm"] == "linf" and r["eps"] < 1.0]
+    bounded = [r["eps"] for r in records if r["eps"] is not None and r["norm"] == "linf" and not is_sanity(r)]
     return max(bounded, default=None)
 
 
-def tables(records: Iterable[dict[str, Any]]) -> dict[str, tuple[pd.DataFrame, list[flags_mod.Flag]]]:
-    """Per dataset: the leaderboard as a DataFrame (fractions, None for missing) and its red flags."""
+def tables(records: Iterable[dict[str, Any]]) -> dict[str, tuple[pd.DataFrame, pd.DataFrame, list[flags_mod.Flag]]]:
+    """Per dataset: the headline table, the detailed table (fractions, None for missing) and the red flags."""
     latest = last_records(records)
     raised = flags_mod.compute(latest)
     result = {}
@@ -68,17 +91,20 @@ def tables(records: Iterable[dict[str, Any]]) -> dict[str, tuple[pd.DataFrame, l
     for dataset, recs in by_dataset.items():
         grid = [r for r in recs if r.get("purpose", "grid") == "grid"]
         ok = [r for r in recs if r.get("error") is None]
-        eps_values = sorted({r["eps"] for r in ok if r["eps"] is not None and r["norm"] == "linf"})
+        eps_values = sorted({r["eps"] for r in ok if r["eps"] is not None and r["norm"] == "linf"
+                             and not is_sanity(r)})
         headline = headline_eps(ok)
-        columns = list(dict.fromkeys(column(r) for r in sorted(grid, key=_column_order)))
+        ordered = sorted(grid, key=_column_order)
+        columns = list(dict.fromkeys(column(r) for r in ordered if not is_sanity(r)))
+        sanity = list(dict.fromkeys(f"{column(r)} (sanity)" for r in ordered if is_sanity(r)))
         rows = []
         for defense in dict.fromkeys(r["defense"] for r in recs):
             mine = [r for r in grid if r["defense"] == defense]
             mine_ok = [r for r in ok if r["defense"] == defense]
-            row: dict[str, Any] = {"defense": defense,
-                                   "clean": mine_ok[0]["clean_acc"] if mine_ok else None}
+            row: dict[str, Any] = {"defense": defense, "clean": mine_ok[0]["clean_acc"] if mine_ok else None}
             for r in mine:
-                row[column(r)] = "error" if r.get("error") else r["robust_acc"]
+                name = f"{column(r)} (sanity)" if is_sanity(r) else column(r)
+                row[name] = "error" if r.get("error") else r["robust_acc"]
             for eps in eps_values:
                 row[f"worst {eps:g}"] = worst_case(mine_ok, eps)
             row["worst"] = worst_case(mine_ok, None)
@@ -88,17 +114,19 @@ def tables(records: Iterable[dict[str, Any]]) -> dict[str, tuple[pd.DataFrame, l
             row["flags"] = ", ".join(dict.fromkeys(f.code for f in raised if f.dataset == dataset and
                                                    f.defense == defense))
             rows.append(row)
-        frame = pd.DataFrame(rows, columns=["defense", "clean", *columns, *(f"worst {e:g}" for e in eps_values),
-                                            "worst", *(["detected (min)"] if any("detected (min)" in r for r in rows)
-                                                       else []), "flags"])
+        worst_columns = [f"worst {e:g}" for e in eps_values]
+        detail = pd.DataFrame(rows, columns=["defense", "clean", *columns, *worst_columns, "worst", *sanity,
+                                             *(["detected (min)"] if any("detected (min)" in r for r in rows)
+                                               else []), "flags"])
         sort_by = [c for c in (f"worst {headline:g}" if headline is not None else None, "worst") if c]
-        frame = frame.sort_values(sort_by, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
-        result[dataset] = (frame, [f for f in raised if f.dataset == dataset])
+        detail = detail.sort_values(sort_by, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+        head = detail[["defense", "clean", *worst_columns, "flags"]].copy()
+        result[dataset] = (head, detail, [f for f in raised if f.dataset == dataset])
     return result
 
 
 def _column_order(r: dict[str, Any]) -> tuple[Any, ...]:
-    threat_order = {"whitebox": 0, "bpda": 1, "blackbox": 2}
+    threat_order = {"whitebox": 0, "bpda": 1, "blackbox": 2, "oblivious": 3}
     return (r["attack_name"], r["attack"], threat_order.get(r["threat"], 9), r["threat_label"],
             -1 if r["eps"] is None else r["eps"])
 
@@ -111,6 +139,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _components(recs: list[dict[str, Any]]) -> list[str]:
+    """Per ensemble cell: the accuracy left standing after each of its components, in order."""
+    rows = [[r["defense"], column(r), *(f"{c['attack']} {_fmt(c['robust_acc'])}" for c in r["components"])]
+            for r in recs if r.get("components") and r.get("error") is None]
+    if not rows:
+        return []
+    width = max(len(r) for r in rows)
+    header = ["defense", "cell", *(f"after stage {i}" for i in range(1, width - 1))]
+    frame = pd.DataFrame([r + [""] * (width - len(r)) for r in rows], columns=header)
+    return ["Ensemble components (accuracy left standing after each stage, run only on the images still robust):",
+            "", frame.to_markdown(index=False, disable_numparse=True), ""]
+
+
 def render(records: Iterable[dict[str, Any]]) -> str:
     """The whole ``leaderboard.md`` for ``records``."""
     records = list(records)
@@ -118,12 +159,14 @@ def render(records: Iterable[dict[str, Any]]) -> str:
         return "# Leaderboard\n\nNo cells yet.\n"
     suites = ", ".join(dict.fromkeys(r["suite"] for r in records))
     lines = [f"# Leaderboard: {suites}", "",
-             "Accuracy in % on the evaluated test images (higher is better for the defense). Columns: attack, "
-             "threat (wb = white-box, bb = black-box transfer from a substitute, bpda = white-box through the "
-             "defense with a differentiable backward approximation), eps (L∞, [0, 1] pixel scale). `worst e`: "
-             "per image, correct under every attack within eps e; `worst`: under every attack run. Rows are "
-             "sorted by the worst case. Flags are explained in docs/flags.md.", ""]
-    for dataset, (frame, raised) in tables(records).items():
+             "Accuracy in % on the evaluated test images (higher is better for the defense); an image counts only "
+             "if it is classified correctly clean *and* after the attack (AutoAttack's convention). Threats: wb = "
+             "white-box, bpda = white-box through the defense with a differentiable backward approximation, bb = "
+             "black-box transfer from a substitute, obl = oblivious (crafted on the undefended model). eps is L∞ "
+             "in the [0, 1] pixel scale. `worst e`: per image, correct under every attack within eps e; `worst`: "
+             "under every bounded attack; sanity cells (eps ≥ 1) enter no worst case. Flags are explained in "
+             "docs/flags.md.", ""]
+    for dataset, (head, detail, raised) in tables(records).items():
         recs = [r for r in records if r["dataset"] == dataset]
         provenance = next((r["data_provenance"] for r in recs if r.get("data_provenance")), "unknown")
         n = sorted({r["n"] for r in recs})
@@ -132,16 +175,18 @@ def render(records: Iterable[dict[str, Any]]) -> str:
                   f"- data: {provenance}", f"- evaluated images: {', '.join(map(str, n))}",
                   f"- harness version {recs[0].get('version')}, git {', '.join(revisions)}", ""]
         notes: list[str] = []
-        display = frame.copy()
-        for i, row in display.iterrows():
+        marked = detail.copy()
+        for i, row in marked.iterrows():
             marks: dict[str, str] = {}
             for flag in (f for f in raised if f.defense == row["defense"]):
                 notes.append(f"{flag.defense} `{flag.code}`: {flag.evidence}")
                 marks[flag.code] = marks.get(flag.code, flag.code) + f"[^{dataset}-{len(notes)}]"
-            display.at[i, "flags"] = ", ".join(marks.values())
-        display = display.map(_fmt)
-        lines.append(display.to_markdown(index=False, disable_numparse=True))
-        lines.append("")
+            marked.at[i, "flags"] = ", ".join(marks.values())
+        headline = head.copy()
+        headline["flags"] = marked["flags"]
+        lines += ["### Headline", "", headline.map(_fmt).to_markdown(index=False, disable_numparse=True), "",
+                  "### All cells", "", marked.map(_fmt).to_markdown(index=False, disable_numparse=True), ""]
+        lines += _components(last_records(recs))
         errors = [r for r in recs if r.get("error")]
         if errors:
             lines.append(f"{len(errors)} cell(s) failed: " + "; ".join(
@@ -154,10 +199,12 @@ def render(records: Iterable[dict[str, Any]]) -> str:
 
 
 def csv_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """All records flat, without the per-image masks; parameter dicts as JSON text."""
+    """All records flat, without the per-image masks and images; ensemble components as ``stage:accuracy``."""
     rows = []
     for r in last_records(records):
         row = {k: v for k, v in r.items() if k not in MASK_FIELDS}
+        if "components" in row:
+            row["components"] = " ".join(f"{c['attack']}:{c['robust_acc']}" for c in row["components"])
         for k, v in row.items():
             if isinstance(v, dict | list):
                 row[k] = json.dumps(v, sort_keys=True)
@@ -166,12 +213,14 @@ def csv_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 def write(out: Path, records: list[dict[str, Any]] | None = None) -> Path:
-    """(Re-)render ``out/leaderboard.md``, ``out/cells.csv`` and the record-based figures in ``out/plots`` from
+    """(Re-)render ``out/leaderboard.md``, ``out/cells.csv`` and the figures in ``out/plots`` from
     ``out/cells.jsonl`` (or ``records``)."""
     out = Path(out)
     if records is None:
         records = read_records(out / "cells.jsonl")
     (out / "leaderboard.md").write_text(render(records))
     csv_frame(records).to_csv(out / "cells.csv", index=False)
-    plots.write(last_records(records), out / "plots")
+    latest = last_records(records)
+    plots.write(latest, out / "plots")
+    sheet.write(latest, out / "plots")
     return out / "leaderboard.md"

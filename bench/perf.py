@@ -29,7 +29,9 @@ from art.estimators.classification import PyTorchClassifier
 from tabulate import tabulate
 from torch import nn
 
-from bench.evaluate import Context, CountingModel, Settings, attack_batch, available_cores, choose_targets
+from bench.craft import CountingModel, Crafted, attack_batch, choose_targets
+from bench.evaluate import Context, craft_cell
+from bench.settings import Settings, available_cores
 from bench.grid import expand
 from bench.models import predict
 from bench.suite import parse
@@ -156,8 +158,8 @@ def measure(dataset: Dataset, settings: Settings, images: int, repeats: int,
     cells = {c.attack: c for c in expand(parse(raw, "<bench perf>"))}
     ctx = Context(settings)
     first = next(iter(cells.values()))
-    model = ctx.model(first)
-    _, x, y = ctx.eval_set(first)
+    model = ctx.models.model(first)
+    _, x, y = ctx.models.eval_set(first)
     _passes(model, x, y, batch, backward=True)  # warm-up
     rows = [Row("(a) forward", "model", images, _rates(images, repeats, lambda: _passes(model, x, y, batch, False)),
                 passes=(1.0, 0.0)),
@@ -167,13 +169,13 @@ def measure(dataset: Dataset, settings: Settings, images: int, repeats: int,
     for case in selected:
         limit.rates += _rates(images, repeats, lambda: _passes(model, x, y, batch, True))
         cell = replace(cells[case.entry["name"]], n=case.images)
-        ctx.craft(replace(cell, n=1), model, cell.cell_seed)  # warm-up: first calls pay one-off costs (imports)
-        counted: list[CountingModel] = []
-        rates = _rates(case.images, repeats, lambda: counted.append(ctx.craft(cell, model, cell.cell_seed)[3]))
+        craft_cell(replace(cell, n=1), ctx, model)  # warm-up: first calls pay one-off costs (imports)
+        counted: list[Crafted] = []
+        rates = _rates(case.images, repeats, lambda: counted.append(craft_cell(cell, ctx, model)[0]))
         k = None if cell.targeted else counted[-1].backwards / case.images
         rows.append(Row(cell.attack_id, "harness", case.images, rates, k, _per_image(counted[-1], case.images)))
         for library, (n, run) in case.libraries.items():
-            _, xs, ys = ctx.eval_set(replace(cell, n=n))
+            _, xs, ys = ctx.models.eval_set(replace(cell, n=n))
             target = choose_targets(cell.attack_values.get("target", "none"), ys, lambda _: ys, xs,
                                     torch.Generator().manual_seed(cell.cell_seed))[1]
             run(model, xs[:1], ys[:1], None if target is None else target[:1], batch)
@@ -186,7 +188,7 @@ def measure(dataset: Dataset, settings: Settings, images: int, repeats: int,
     return rows, facts
 
 
-def _per_image(counted: CountingModel, images: int) -> tuple[float, float]:
+def _per_image(counted: CountingModel | Crafted, images: int) -> tuple[float, float]:
     return counted.forwards / images, counted.backwards / images
 
 

@@ -28,7 +28,9 @@ from typing import Any
 
 from bench.data import resolve_dir
 from bench.errors import BenchError, Interrupted
-from bench.evaluate import Context, Settings, available_cores, error_record
+from bench.evaluate import Context, error_record
+from bench.settings import Settings, available_cores
+from bench.threats import REGISTRY as THREATS
 from bench.executors import evaluate_or_record_error
 from bench.grid import Cell
 from bench.train import cache_key
@@ -73,11 +75,8 @@ def _artifact(kind: str, cell: Cell, settings: Settings, cpus: float, *after: st
     """Train (or load) the cell's classifier (``kind="model"``) or substitute into the cache; its cache key."""
     ctx = _context(settings, cpus)
     try:
-        if kind == "substitute":
-            ctx.substitute(cell)
-            return cache_key(ctx.substitute_fields(cell))
-        ctx.model(cell)
-        return cache_key(ctx.model_fields(cell))
+        ctx.models.load(kind, cell)
+        return cache_key(ctx.models.artifact(kind, cell)[1])
     except BenchError:
         raise
     except Exception as exc:  # noqa: BLE001 - becomes an error record of every cell that needs this model
@@ -173,24 +172,23 @@ class RayExecutor:
         options = {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_retries": RETRIES}
         artifact, cell_task = remote(_artifact).options(**options), remote(_cell).options(**options)
         worker = replace(settings, data_dir=str(resolve_dir(settings.data_dir)),
-                         cache_dir=str(ctx.cache.root.resolve()), device="cuda" if self.gpus > 0 else settings.device)
+                         cache_dir=str(ctx.models.cache.root.resolve()),
+                         device="cuda" if self.gpus > 0 else settings.device)
         tasks: dict[str, Any] = {}
 
-        def needs(kind: str, cell: Cell, label: str, fields: dict[str, Any],
-                  after: Callable[[], list[Any]] = list) -> list[Any]:
+        def needs(kind: str, cell: Cell, after: list[Any]) -> list[Any]:
+            label, fields = ctx.models.artifact(kind, cell)
             key = repr(fields)
             if key not in tasks:
-                cached = ctx.cache.exists(cell.dataset.value, label, fields)
-                tasks[key] = None if cached else artifact.remote(kind, cell, worker, self.cpus, *after())
+                cached = ctx.models.cache.exists(cell.dataset.value, label, fields)
+                tasks[key] = None if cached else artifact.remote(kind, cell, worker, self.cpus, *after)
             return [tasks[key]] if tasks[key] is not None else []
 
         refs: dict[Any, Cell] = {}
         for cell in cells:
-            deps = needs("model", cell, ctx.model_label(cell), ctx.model_fields(cell))
-            if cell.blackbox is not None:
-                oracle = ctx.oracle_cell(cell)
-                deps += needs("substitute", cell, ctx.substitute_label(cell), ctx.substitute_fields(cell),
-                              lambda: needs("model", oracle, ctx.model_label(oracle), ctx.model_fields(oracle)))
+            deps = needs("model", cell, [])
+            for kind, needed in THREATS.get(cell.threat)().requires(cell, ctx):
+                deps += needs(kind, needed, list(deps))
             refs[cell_task.remote(cell, worker, self.cpus, *deps)] = cell
         return refs, [ref for ref in tasks.values() if ref is not None]
 

@@ -26,7 +26,7 @@ from bench.models import predict
 from bench.registry import AUTO
 from bench.suite import DATASET_PARAMS, check_table
 from bench.train import TrainConfig
-from bench.types import Dataset, Threat
+from bench.types import Dataset
 from defenses.cq import QuantizationLayer, constant_thresholds
 
 STRENGTHS = tuple(round(0.025 * i, 3) for i in range(21))
@@ -95,7 +95,7 @@ class Analysis:
 
 def undefended_cell(dataset: Dataset, train: TrainConfig, seed: int) -> Cell:
     """A cell naming the undefended model only (no attack is run on it)."""
-    return Cell("resilience", dataset, IMAGES, "first", seed, train, "none", {}, "none", {}, Threat.WHITEBOX, None)
+    return Cell("resilience", dataset, IMAGES, "first", seed, train, "none", {}, "none", {}, "whitebox", None)
 
 
 def default_train(dataset: Dataset) -> TrainConfig:
@@ -119,8 +119,8 @@ def noisy(x: torch.Tensor, strength: float, base: torch.Tensor) -> torch.Tensor:
 def analyse(ctx: Context, cell: Cell, eps: float, noise: str, tolerance: float, images: int = IMAGES,
             max_levels: int = MAX_LEVELS) -> Analysis:
     """Accuracy of the cell's undefended model under noise on the first ``images`` test images, and the rule."""
-    model = ctx.model(replace(cell, defense="none", defense_values={}))
-    _, x, y = data_mod.subset(ctx.data(cell.dataset).test, images, "first", cell.seed)
+    model = ctx.models.model(replace(cell, defense="none", defense_values={}))
+    _, x, y = data_mod.subset(ctx.models.data(cell.dataset).test, images, "first", cell.seed)
     base = noise_draw(x.shape, noise, cell.seed)
     accuracies = tuple(round(float((predict(model, noisy(x, s, base)) == y).float().mean()), 4) for s in STRENGTHS)
     errors: dict[int, tuple[float, float]] = {}

@@ -20,16 +20,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from bench import leaderboard, sheet
+from bench import leaderboard
 from bench.errors import Interrupted
-from bench.evaluate import Context, Settings, error_record, record_base
+from bench.evaluate import Context, error_record, record_base
 from bench.executors import Executor, LocalExecutor
 from bench.grid import Cell, expand
 from bench.progress import bar as progress_bar
 from bench.registry import AUTO
 from bench.resilience import resolve_auto_levels
 from bench.results import ResultsStore
+from bench.settings import Settings
 from bench.suite import Suite
+from bench.threats import REGISTRY as THREATS
 from defenses.base import Defense
 
 
@@ -144,7 +146,6 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
     leaderboard.write(out, all_records)
     if not summary.interrupted:
         _defense_plots(cells, driver, out / "plots")
-        sheet.write(cells, driver, out / "plots")
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -163,26 +164,27 @@ def _forget_models(cells: list[Cell], ctx: Context) -> None:
     """``--fresh``: drop the cached models (and substitutes) these cells use, so they are trained again."""
     seen = set()
     for cell in cells:
-        targets = [(ctx.model_label(cell), ctx.model_fields(cell))]
-        if cell.blackbox is not None:
-            targets.append((ctx.substitute_label(cell), ctx.substitute_fields(cell)))
-        for label, fields in targets:
+        for kind, needed in [("model", cell), *THREATS.get(cell.threat)().requires(cell, ctx)]:
+            label, fields = ctx.models.artifact(kind, needed)
             if repr(fields) not in seen:
                 seen.add(repr(fields))
-                ctx.cache.remove(cell.dataset.value, label, fields)
+                ctx.models.cache.remove(needed.dataset.value, label, fields)
 
 
 def _defense_plots(cells: list[Cell], ctx: Context, plots: Path) -> None:
-    """Figures of trained defenses (e.g. learned TQ thresholds), for defenses that draw any."""
+    """Figures of trained defenses (e.g. learned TQ thresholds), for defenses that draw any and whose model is in
+    the cache: drawing never trains a model."""
     seen = set()
     for cell in cells:
-        defense = ctx.defense(cell)
+        defense = ctx.models.defense(cell)
         if type(defense).plots is Defense.plots or (cell.dataset, defense.id) in seen:
             continue
         seen.add((cell.dataset, defense.id))
+        if not ctx.models.cache.exists(cell.dataset.value, *ctx.models.artifact("model", cell)):
+            continue
         plots.mkdir(parents=True, exist_ok=True)
         try:
-            defense.plots(ctx.model(cell), plots)
+            defense.plots(ctx.models.model(cell), plots)
         except Exception as exc:  # noqa: BLE001 - a defense that failed to train already has error cells
             warnings.warn(f"no figures for {cell.dataset.value} {defense.id}: {type(exc).__name__}: {exc}",
                           stacklevel=2)

@@ -1,65 +1,69 @@
-"""The adversarial-example sheet of a run (the paper's Fig. 7), drawn by ``bench run`` because it needs the
-trained models: a few evaluated test images per dataset, and per defense the clean image, the adversarial
-image (white-box, the suite's first L∞ gradient attack at its headline eps) and what the defense's
-preprocessing makes of it; clean and adversarial panels are captioned with the defended model's prediction and
-probability."""
+"""The adversarial-example sheet (the paper's Fig. 7) from stored records.
+
+The cells of the first untargeted L∞ gradient attack under ``whitebox`` at its largest eps below 1 (one per
+defense, chosen by :func:`bench.grid.expand`) keep a few evaluated images in their record: the clean image, the
+adversarial image, what the defense's preprocessing makes of it, and the defended model's predictions. The sheet
+is drawn from those records alone, so it re-renders without models (``bench leaderboard``)."""
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import replace
+import base64
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
-from bench.attacks import REGISTRY as ATTACKS
-from bench.evaluate import Context, project
-from bench.grid import Cell
 from bench.plots import example_sheet
-from bench.types import Threat
 
 IMAGES = 4
 
 
-def _caption(model: torch.nn.Module, x: torch.Tensor, kind: str) -> list[str]:
+def _encode(x: torch.Tensor) -> dict[str, Any]:
+    pixels = (x.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return {"shape": list(pixels.shape), "uint8": base64.b64encode(pixels.tobytes()).decode()}
+
+
+def _decode(data: dict[str, Any]) -> torch.Tensor:
+    pixels = np.frombuffer(base64.b64decode(data["uint8"]), dtype=np.uint8).reshape(data["shape"])
+    return torch.from_numpy(pixels.astype(np.float32) / 255)
+
+
+def capture(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, Any]:
+    """The record field ``examples``: images (8-bit), the preprocessed adversarial images and the predictions."""
+    device = next(model.parameters()).device
+    preprocess = getattr(model, "preprocess", nn.Identity())
     with torch.inference_mode():
-        probs = model(x.to(next(model.parameters()).device)).softmax(1).cpu()
-    return [f"{kind}: {int(p.argmax())} ({100 * float(p.max()):.0f}%)" for p in probs]
+        seen = preprocess(x_adv.to(device)).cpu()
+        clean_probs = model(x.to(device)).softmax(1).cpu()
+        adv_probs = model(x_adv.to(device)).softmax(1).cpu()
+    return {"clean": _encode(x), "adv": _encode(x_adv), "seen": _encode(seen),
+            "clean_pred": clean_probs.argmax(1).tolist(),
+            "clean_prob": [round(float(p), 4) for p in clean_probs.amax(1)],
+            "adv_pred": adv_probs.argmax(1).tolist(), "adv_prob": [round(float(p), 4) for p in adv_probs.amax(1)]}
 
 
-def write(cells: list[Cell], ctx: Context, out: Path) -> list[Path]:
-    """One sheet per dataset into ``out``; datasets without an L∞ gradient attack get none."""
+def write(records: Iterable[dict[str, Any]], out: Path) -> list[Path]:
+    """One sheet per dataset whose records hold examples, into ``out``."""
+    by_dataset: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("examples") and r.get("error") is None:
+            by_dataset.setdefault(r["dataset"], []).append(r)
     written = []
-    for dataset in dict.fromkeys(c.dataset for c in cells):
-        candidates = [c for c in cells if c.dataset is dataset and c.threat is Threat.WHITEBOX and c.eps is not None
-                      and c.eps < 1.0 and ATTACKS.get(c.attack).gradient
-                      and ATTACKS.get(c.attack).bound_norm() == "linf" and not c.targeted and c.purpose == "grid"]
-        if not candidates:
-            continue
-        attack_name = candidates[0].attack
-        eps = max(c.eps for c in candidates if c.attack == attack_name)
+    for dataset, chosen in by_dataset.items():
+        chosen = list({r["defense"]: r for r in chosen}.values())
         rows, labels = [], []
-        for cell in dict((c.defense_id, c) for c in candidates if c.attack == attack_name).values():
-            cell = replace(cell, n=IMAGES, eps=eps)
-            try:
-                model = ctx.model(cell)
-                x_adv, rep, _, _ = ctx.craft(cell, model, cell.cell_seed)
-            except Exception as exc:  # noqa: BLE001 - failed defenses already have error cells; draw the others
-                warnings.warn(f"{cell.defense_id} left out of the example sheet: {type(exc).__name__}: {exc}",
-                              stacklevel=2)
-                continue
-            _, x, _ = ctx.eval_set(cell)
-            x_adv = project(x_adv, x[rep], eps, "linf")
-            preprocess = getattr(model, "preprocess", torch.nn.Identity())
-            with torch.inference_mode():
-                seen = preprocess(x_adv.to(next(model.parameters()).device)).cpu()
-            panels = [x, x_adv, seen]
-            pairs = zip(_caption(model, x, "clean"), _caption(model, x_adv, "adv"), strict=True)
-            rows.append((cell.defense_id, panels))
-            labels.append([text for clean, adv in pairs for text in (clean, adv, "after defense")])
-        if not rows:
-            continue
-        title = (f"{dataset.value}: clean / adversarial ({attack_name}, white-box, ε = {eps:g}) / after the "
+        for r in chosen:
+            ex = r["examples"]
+            rows.append((r["defense"], [_decode(ex["clean"]), _decode(ex["adv"]), _decode(ex["seen"])]))
+            labels.append([text for c, cp, a, ap in zip(ex["clean_pred"], ex["clean_prob"], ex["adv_pred"],
+                                                        ex["adv_prob"], strict=True)
+                           for text in (f"clean: {c} ({100 * cp:.0f}%)", f"adv: {a} ({100 * ap:.0f}%)",
+                                        "after defense")])
+        first = chosen[0]
+        title = (f"{dataset}: clean / adversarial ({first['attack']}, white-box, ε = {first['eps']:g}) / after the "
                  f"defense's preprocessing — prediction of the defended model (probability)")
-        written.append(example_sheet(rows, labels, title, out / f"{dataset.value}-adversarial-examples.png"))
+        written.append(example_sheet(rows, labels, title, out / f"{dataset}-adversarial-examples.png"))
     return written

@@ -19,12 +19,12 @@ from typing import Any
 from bench.errors import SuiteError
 from bench.registry import Component, Param, PerDataset, _did_you_mean, _show
 from bench.train import TrainConfig
-from bench.types import Dataset, Threat
+from bench.types import Dataset
 
 MAX_INCLUDE_DEPTH = 8
 
-TOP_KEYS = ("name", "description", "seed", "include", "max_cells", "datasets", "defenses", "attacks", "blackbox",
-            "bpda", "checks", "resilience")
+TOP_KEYS = ("name", "description", "seed", "include", "max_cells", "datasets", "defenses", "attacks", "checks",
+            "resilience")  # and one table per threat model that has settings ([blackbox], [bpda])
 
 DATASET_PARAMS = (
     Param("n", int, 1000, "test images evaluated (CIFAR-10: the first 1,000 are the exact ones)", low=1),
@@ -39,25 +39,6 @@ DATASET_PARAMS = (
           choices=("ce", "mse")),
     Param("augment", bool, PerDataset(False, True), "random flip + 4-pixel crop during training"),
     Param("train_limit", int, 0, "train on the first N training images only (0 = all)", low=0),
-)
-
-BLACKBOX_PARAMS = (
-    Param("holdout", int, 150, "test images the attacker holds, disjoint from the evaluated ones", low=10, high=5000),
-    Param("rounds", int, 6, "Jacobian-augmentation rounds ρ (each doubles the substitute's training set)",
-          low=0, high=10),
-    Param("lam", float, 0.1, "Jacobian-augmentation step λ", positive=True, high=1.0),
-    Param("epochs", int, 10, "substitute training epochs per round", low=1, high=1000),
-    Param("lr", float, 1e-3, "substitute Adam learning rate", positive=True, high=10.0),
-    Param("oracle", str, "target", "who labels the substitute's data: the defended model itself (Papernot et al.), "
-          "or the undefended model (one substitute shared by every defense of a dataset)",
-          choices=("target", "undefended")),
-)
-
-BPDA_PARAMS = (
-    Param("backward", str, "identity", "backward pass of gradient-masking parts: identity (straight-through) or "
-          "soft (the derivative of the same sigmoid sum with steepness soft_z; CQ/TQ only)",
-          choices=("identity", "soft")),
-    Param("soft_z", float, 1.0, "sigmoid steepness of the soft BPDA backward", positive=True, high=1000.0),
 )
 
 CHECKS_PARAMS = (
@@ -87,7 +68,7 @@ class Entry:
     given: dict[str, Any]
     datasets: tuple[Dataset, ...]
     eps: tuple[float | None, ...] = (None,)
-    threats: tuple[Threat, ...] = ()
+    threats: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,8 +81,7 @@ class Suite:
     datasets: dict[Dataset, DatasetSpec]
     defenses: tuple[Entry, ...]
     attacks: tuple[Entry, ...]
-    blackbox: dict[str, Any]
-    bpda: dict[str, Any]
+    threats: dict[str, dict[str, Any]]
     checks: dict[str, Any]
     resilience: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -250,20 +230,47 @@ def _eps_list(entry: dict[str, Any], cls: Any, source: str, path: str) -> tuple[
     return checked
 
 
-def _threats(entry: dict[str, Any], source: str, path: str) -> tuple[Threat, ...]:
+def _threats(entry: dict[str, Any], source: str, path: str) -> tuple[str, ...]:
+    from bench.threats import REGISTRY as THREATS
+
     values = _as_list(entry.get("threat", "whitebox"))
-    allowed = tuple(t.value for t in Threat)
+    allowed = THREATS.names()
     if not values:
         raise SuiteError(source, f"{path}.threat", f"empty list: expected some of {', '.join(allowed)}")
-    threats = []
+    threats: list[str] = []
     for value in values:
         if value not in allowed:
             raise SuiteError(source, f"{path}.threat",
                              f"expected one of {', '.join(allowed)}, got {_show(value)}{_did_you_mean(str(value), allowed)}")
-        if Threat(value) in threats:
+        if value in threats:
             raise SuiteError(source, f"{path}.threat", f"duplicate value {_show(value)}")
-        threats.append(Threat(value))
+        threats.append(value)
     return tuple(threats)
+
+
+def _threat_settings(raw: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """Each threat model's suite table (``[blackbox]``, ``[bpda]``), validated against its ``params``; a parameter
+    the threat lists in ``list_params`` takes a list (each value is a variant)."""
+    from bench.threats import REGISTRY as THREATS
+
+    settings = {}
+    for cls in THREATS:
+        if not cls.params:
+            continue
+        table = dict(raw.get(cls.name) or {})
+        listed = {}
+        for name in cls.list_params:
+            if name in table:
+                values = _as_list(table.pop(name))
+                if not values:
+                    raise SuiteError(source, f"{cls.name}.{name}", f"empty list: expected {cls.param(name).describe()}")
+                listed[name] = tuple(dict.fromkeys(cls.param(name).check(v, source, f"{cls.name}.{name}")
+                                                   for v in values))
+            else:
+                listed[name] = (cls.param(name).default,)
+        checked = check_table(table, tuple(p for p in cls.params if p.name not in listed), source, cls.name)
+        settings[cls.name] = {**checked, **listed}
+    return settings
 
 
 def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suite:
@@ -271,7 +278,9 @@ def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suit
     from bench.attacks import REGISTRY as ATTACKS
     from defenses import REGISTRY as DEFENSES
 
-    _check_keys(raw, TOP_KEYS, source, "")
+    from bench.threats import REGISTRY as THREATS
+
+    _check_keys(raw, TOP_KEYS + tuple(c.name for c in THREATS if c.params), source, "")
     top = check_table({k: raw[k] for k in ("name", "description", "seed", "max_cells") if k in raw}, (
         Param("name", str, default_name, "suite name (default: file name)"),
         Param("description", str, "", "one line shown in the leaderboard header"),
@@ -309,23 +318,18 @@ def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suit
         cls = ATTACKS.get(entry["name"], source, f"{path}.name")
         on = _datasets_filter(entry, available, source, path)
         eps, threats = _eps_list(entry, cls, source, path), _threats(entry, source, path)
-        if not cls.gradient and Threat.BPDA in threats:
-            raise SuiteError(source, f"{path}.threat", f"{cls.name} uses no gradients, so bpda does not apply to it")
+        for threat in threats:
+            if not cls.gradient and THREATS.get(threat).gradient_only:
+                raise SuiteError(source, f"{path}.threat", f"{cls.name} uses no gradients, so {threat} does not apply "
+                                 f"to it")
         reserved = ("datasets", "eps", "threat")
         attacks += [Entry(cls.name, given, on, eps, threats) for given in _expand(cls, entry, reserved, source, path,
                                                                                   top["max_cells"])]
 
-    bpda_raw = dict(raw.get("bpda") or {})
-    backward = _as_list(bpda_raw.pop("backward", "identity"))
-    if not backward:
-        raise SuiteError(source, "bpda.backward", "empty list: expected identity and/or soft")
-    bpda = check_table(bpda_raw, BPDA_PARAMS[1:], source, "bpda")
-    bpda["backward"] = tuple(dict.fromkeys(BPDA_PARAMS[0].check(b, source, "bpda.backward") for b in backward))
-
     return Suite(
         name=top["name"], source=source, description=top["description"], seed=top["seed"],
         max_cells=top["max_cells"], datasets=datasets, defenses=tuple(defenses), attacks=tuple(attacks),
-        blackbox=check_table(raw.get("blackbox"), BLACKBOX_PARAMS, source, "blackbox"), bpda=bpda,
+        threats=_threat_settings(raw, source),
         checks=check_table(raw.get("checks"), CHECKS_PARAMS, source, "checks"),
         resilience=check_table(raw.get("resilience"), RESILIENCE_PARAMS, source, "resilience"), raw=raw,
     )

@@ -1,4 +1,5 @@
-"""The enums of the harness: strings become these where they enter (suite parsing, CLI)."""
+"""The dataset enum: strings become it where they enter (suite parsing, CLI). Threat models are a registry
+(:mod:`bench.threats`), like defenses and attacks."""
 
 from __future__ import annotations
 
@@ -18,14 +19,3 @@ class Dataset(str, Enum):
     def classes(self) -> int:
         return 10
 
-
-class Threat(str, Enum):
-    """How much the attacker knows: see docs in README ("Threat models")."""
-
-    WHITEBOX = "whitebox"
-    BLACKBOX = "blackbox"
-    BPDA = "bpda"
-
-    @property
-    def short(self) -> str:
-        return {"whitebox": "wb", "blackbox": "bb", "bpda": "bpda"}[self.value]

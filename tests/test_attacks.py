@@ -11,7 +11,8 @@ import torch
 
 from bench import data as data_mod
 from bench.attacks import REGISTRY
-from bench.evaluate import CountingModel, choose_targets, project
+from bench.attacks.base import Runtime
+from bench.craft import CountingModel, choose_targets, project
 from bench.models import CleverhansCNN
 from bench.train import TrainConfig, fit
 from bench.types import Dataset
@@ -61,10 +62,12 @@ def targets_for(y: torch.Tensor) -> torch.Tensor:
 
 
 def attack(name: str, given: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-           eps: float | None, seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor | None, CountingModel]:
+           eps: float | None, seed: int = SEED,
+           early_stop: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, CountingModel]:
     """Run one adapter as the runner does (seeded torch RNG, counting wrapper): (raw output, targets, counts)."""
     cls = REGISTRY.get(name)
     adapter = cls(cls.resolve(given, Dataset.MNIST))
+    adapter.runtime = Runtime(early_stop=early_stop)
     target = None if adapter.target_mode == "none" else targets_for(y)
     counted = CountingModel(model)
     with torch.random.fork_rng(devices=[]):
@@ -201,10 +204,13 @@ def test_pgd_restarts_keep_every_success_of_a_single_run(setup: Any) -> None:
 def test_query_counts(setup: Any) -> None:
     model, x, y = setup
     b = len(x)
-    for name, given, eps, grads in [("fgsm", {}, 0.3, b), ("bim", {"steps": 7}, 0.3, 7 * b),
-                                    ("pgd", {"steps": 9}, 0.3, 9 * b)]:
-        _, _, counted = attack(name, given, model, x, y, eps)
-        assert counted.backwards == grads and counted.forwards == grads, name
+    _, _, counted = attack("fgsm", {}, model, x, y, 0.3)
+    assert counted.backwards == counted.forwards == b
+    for name, given, steps in [("bim", {"steps": 7}, 7), ("pgd", {"steps": 9}, 9)]:
+        _, _, counted = attack(name, given, model, x, y, 0.3, early_stop=False)
+        assert counted.backwards == steps * b and counted.forwards == (steps + 1) * b, name  # + the final check
+        _, _, saving = attack(name, given, model, x, y, 0.3)
+        assert saving.backwards < counted.backwards and saving.forwards < counted.forwards, name
     _, _, counted = attack("cw_l2", {"steps": 20}, model, x, y, None)
     assert counted.forwards == counted.backwards and counted.backwards % b == 0 and b <= counted.backwards <= 20 * b
     _, _, counted = attack("square", {"queries": 50}, model, x, y, 0.1)

@@ -115,18 +115,19 @@ def test_median_boundary_handling_by_hand() -> None:
 
 def test_squeeze_uses_the_undefended_weights_without_training(tmp_path: Path) -> None:
     """Feature squeezing is applied to the undefended CNN: one training, shared weights."""
-    from bench.evaluate import Context, Settings
+    from bench.evaluate import Context
     from bench.grid import expand
+    from bench.settings import Settings
     from bench.suite import parse
 
     raw = {"datasets": {"mnist": {"n": 10, "epochs": 1, "train_limit": 500}},
            "defenses": [{"name": "squeeze"}, {"name": "none"}], "attacks": [{"name": "fgsm", "eps": 0.1}]}
     squeeze_cell, none_cell = expand(parse(raw, "test"))
     ctx = Context(Settings(data_dir=str(DATA), cache_dir=str(tmp_path)))
-    squeezed, undefended = ctx.model(squeeze_cell), ctx.model(none_cell)
-    assert ctx.calls["trainings"] == 1
+    squeezed, undefended = ctx.models.model(squeeze_cell), ctx.models.model(none_cell)
+    assert ctx.models.calls["trainings"] == 1
     assert all(torch.equal(a, b) for a, b in zip(squeezed.state_dict().values(), undefended.state_dict().values()))
-    x = ctx.eval_set(squeeze_cell)[1]
+    x = ctx.models.eval_set(squeeze_cell)[1]
     assert not torch.equal(squeezed.preprocess(x), x)
 
 

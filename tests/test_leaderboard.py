@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from bench import flags, leaderboard
+from bench.errors import BenchError
 from bench.results import pack_mask
 
 N = 8
@@ -16,11 +17,13 @@ def cell(defense: str, attack: str, threat: str, eps: float | None, correct: lis
     mask = [i in correct for i in range(N)]
     return {"suite": "t", "dataset": "mnist", "defense": defense, "attack": attack,
             "attack_name": attack.split("(")[0], "attack_params": extra.pop("attack_params", {}), "threat": threat,
-            "threat_label": {"whitebox": "wb", "blackbox": "bb", "bpda": "bpda"}[threat], "eps": eps,
+            "threat_label": {"whitebox": "wb", "blackbox": "bb", "bpda": "bpda", "oblivious": "obl"}[threat],
+            "eps": eps,
             "norm": extra.pop("norm", "linf"), "targeted": False, "gradient_free": extra.pop("gradient_free", False),
             "iterative": extra.pop("iterative", attack != "fgsm"), "purpose": extra.pop("purpose", "grid"), "n": N,
             "cell_id": f"{defense}-{attack}-{threat}-{eps}-{extra.pop('tag', '')}", "clean_acc": 1.0,
-            "robust_acc": sum(mask) / N, "robust_mask": pack_mask(mask), "clean_mask": pack_mask([True] * N),
+            "robust_acc": sum(mask) / N, "robust_mask": pack_mask(mask),
+            "clean_mask": pack_mask(extra.pop("clean", [True] * N)),
             "error": None, "data_provenance": "official release (md5 verified)", "version": "0", "git": "abc",
             **extra}
 
@@ -38,11 +41,32 @@ def test_worst_case_is_per_image_minimum_within_eps() -> None:
 def test_table_sorts_by_headline_worst_case_and_renders_markdown() -> None:
     cells = [cell("weak", "fgsm", "whitebox", 0.3, [0]), cell("strong", "fgsm", "whitebox", 0.3, [0, 1, 2, 3]),
              cell("weak", "fgsm", "whitebox", 1.0, []), cell("strong", "fgsm", "whitebox", 1.0, [])]
-    frame, _ = leaderboard.tables(cells)["mnist"]
-    assert frame["defense"].tolist() == ["strong", "weak"]
-    assert frame.loc[0, "worst 0.3"] == 0.5
+    head, frame, _ = leaderboard.tables(cells)["mnist"]
+    assert frame["defense"].tolist() == head["defense"].tolist() == ["strong", "weak"]
+    assert frame.loc[0, "worst 0.3"] == head.loc[0, "worst 0.3"] == 0.5
+    assert list(head.columns) == ["defense", "clean", "worst 0.3", "flags"]
     text = leaderboard.render(cells)
     assert "| strong" in text and "fgsm wb 0.3" in text and "worst 0.3" in text and "official release" in text
+    assert text.index("### Headline") < text.index("### All cells")
+
+
+def test_sanity_cells_have_their_own_column_and_enter_no_worst_case() -> None:
+    cells = [cell("d", "pgd", "whitebox", 0.3, [0, 1, 2, 3]), cell("d", "pgd(steps=100)", "bpda", 1.0, [])]
+    _, frame, _ = leaderboard.tables(cells)["mnist"]
+    assert frame.loc[0, "worst"] == frame.loc[0, "worst 0.3"] == 0.5
+    assert frame.loc[0, "pgd(steps=100) bpda 1 (sanity)"] == 0.0 and "worst 1" not in frame.columns
+
+
+def test_worst_case_counts_only_clean_correct_images() -> None:
+    cells = [cell("d", "fgsm", "whitebox", 0.3, [0, 1], clean=[True, False] + [True] * 6)]
+    cells[0]["robust_mask"] = pack_mask([i == 0 for i in range(N)])
+    assert leaderboard.worst_case(cells, 0.3) == 1 / N
+
+
+def test_a_record_robust_but_not_clean_is_refused() -> None:
+    stale = cell("d", "fgsm", "whitebox", 0.3, [0, 1], clean=[True] + [False] * 7)
+    with pytest.raises(BenchError, match=f"cell {stale['cell_id']} .*misclassified clean"):
+        leaderboard.render([stale])
 
 
 def test_error_cells_show_as_error() -> None:

@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from bench import perf
+from bench import evaluate, perf
 from bench.attacks import _art
 from bench.cli import main
-from bench.evaluate import CPU_MAX_BATCH, Context, CountingModel, Settings, attack_batch
+from bench.craft import CPU_MAX_BATCH, CountingModel, attack_batch
+from bench.evaluate import Context, craft_cell
 from bench.executors import LocalExecutor
 from bench.grid import expand
 from bench.models import CleverhansCNN
 from bench.runner import run
+from bench.settings import Settings
 from bench.suite import load_suite
-from bench.types import Dataset, Threat
+from bench.types import Dataset
 from conftest import tiny_suite
 
 # Three defenses on the same weights (none, and squeeze at 1 and 4 bits) sharing one substitute.
@@ -50,52 +52,55 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-class CraftCounter(Context):
-    """A Context that also counts its attack runs per (defense, threat, images): the grid's cells attack 64 images,
-    the example sheet drawn after the run 4."""
-
-    def craft(self, cell: Any, attacked: Any, seed: int) -> Any:
-        self.calls[f"craft {cell.defense_id} {cell.threat.value} n={cell.n}"] += 1
-        return super().craft(cell, attacked, seed)
-
-
 @pytest.fixture(scope="module")
 def shared_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, cache_dir: Path) -> Any:
+    """The run of SHARED, counting the attack runs per (attacked model's type, images): the grid's cells attack
+    their clean-correct images, transfer threats every image once per (attack, eps)."""
     tmp = tmp_path_factory.mktemp("shared")
     suite = load_suite(tiny_suite(tmp / "s.toml", n=64, extra=SHARED))
-    ctx = CraftCounter(Settings(data_dir=str(data_dir), cache_dir=str(cache_dir)))
-    blackbox = next(c for c in expand(suite) if c.threat is Threat.BLACKBOX)
-    ctx.cache.remove(blackbox.dataset.value, ctx.substitute_label(blackbox), ctx.substitute_fields(blackbox))
-    summary = run(suite, tmp / "out", ctx.settings, executor=LocalExecutor(ctx), progress=False)
+    ctx = Context(Settings(data_dir=str(data_dir), cache_dir=str(cache_dir)))
+    blackbox = next(c for c in expand(suite) if c.threat == "blackbox")
+    ctx.models.cache.remove(blackbox.dataset.value, *ctx.models.artifact("substitute", blackbox))
+    crafts: list[str] = []
+    real = evaluate.craft
+
+    def counting(attack: Any, model: Any, *args: Any) -> Any:
+        crafts.append(type(model).__name__)
+        return real(attack, model, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluate, "craft", counting)
+        summary = run(suite, tmp / "out", ctx.settings, executor=LocalExecutor(ctx), progress=False)
     records = [json.loads(line) for line in (tmp / "out" / "cells.jsonl").read_text().splitlines()]
-    return ctx, summary, records
+    return ctx, summary, records, crafts
 
 
 def test_defenses_share_one_substitute_and_one_transfer_per_attack_and_eps(shared_run: Any) -> None:
-    ctx, summary, records = shared_run
+    ctx, summary, records, crafts = shared_run
     assert summary.exit_code == 0
-    assert ctx.calls["substitute_trainings"] == 1 and ctx.calls["substitute"] == 1
-    assert ctx.calls["transfer"] == 2  # fgsm at eps 0.1 and 0.3, for all three defenses
+    assert ctx.models.calls["substitute_trainings"] == 1 and ctx.models.calls["substitute"] == 1
+    assert crafts.count("SubstituteCNN") == 2  # fgsm at eps 0.1 and 0.3, for all three defenses
     blackbox = [r for r in records if r["threat"] == "blackbox"]
     assert len(blackbox) == 6 and len({r["cell_id"] for r in blackbox}) == 6
     for eps in (0.1, 0.3):
         cells = [r for r in blackbox if r["eps"] == eps]
         assert {r["defense"] for r in cells} == {"none", "squeeze(bits=1)", "squeeze(bits=4)"}
         assert len({(r["queries"], r["gradients"]) for r in cells}) == 1  # the one transfer's counts
-        assert all(r["gradients"] == 64 and r["error"] is None for r in cells)
+        assert all(r["gradients"] == 64 and r["error"] is None and r["shared_crafting"] for r in cells)
 
 
 def test_clean_predictions_once_per_defense(shared_run: Any) -> None:
-    ctx, _, records = shared_run
+    ctx, _, records, _ = shared_run
     assert len(records) == 3 * 6  # per defense: whitebox and bpda at 2 eps, blackbox at 2 eps
-    assert ctx.calls["clean"] == 3 and ctx.calls["model"] == 3 and ctx.calls["data"] == 1
-    assert ctx.calls["trainings"] <= 1  # the three share the undefended weights (1: the cache did not have them)
+    calls = ctx.models.calls
+    assert calls["clean"] == 3 and calls["model"] == 3 and calls["data"] == 1
+    assert calls["trainings"] <= 1  # the three share the undefended weights (1: the cache did not have them)
 
 
 def test_bpda_of_none_is_the_whitebox_computation(shared_run: Any) -> None:
-    ctx, _, records = shared_run
-    assert ctx.calls["craft none whitebox n=64"] == 2 and ctx.calls["craft none bpda n=64"] == 0
-    assert ctx.calls["craft squeeze(bits=1) bpda n=64"] == 2  # squeeze has something to approximate: its own run
+    _, _, records, crafts = shared_run
+    # whitebox: 3 defenses × 2 eps; bpda: only the two squeeze defenses have something to approximate (2 × 2 eps)
+    assert crafts.count("DefendedModel") == 6 + 4
     for eps in (0.1, 0.3):
         white, bpda = (next(r for r in records if r["defense"] == "none" and r["threat"] == t and r["eps"] == eps)
                        for t in ("whitebox", "bpda"))
@@ -124,10 +129,12 @@ def test_batch_size_does_not_change_results(tmp_path: Path, data_dir: Path, cach
     suite = load_suite(tiny_suite(tmp_path / "s.toml", n=n, extra=extra))
     cell = next(c for c in expand(suite) if c.attack == attack)
     small, large = (Context(Settings(data_dir=str(data_dir), cache_dir=str(cache_dir), batch=b)) for b in batches)
-    adv_small, _, _, counted_small = small.craft(cell, small.model(cell), cell.cell_seed)
-    adv_large, _, _, counted_large = large.craft(cell, large.model(cell), cell.cell_seed)
-    assert torch.equal(adv_small, adv_large)
-    assert counted_small.backwards == counted_large.backwards > 0
+    for early_stop in (False, True):
+        crafted_small = craft_cell(cell, small, small.models.model(cell), early_stop=early_stop)[0]
+        crafted_large = craft_cell(cell, large, large.models.model(cell), early_stop=early_stop)[0]
+        assert torch.equal(crafted_small.x_adv, crafted_large.x_adv)
+        if not early_stop:  # with early stops, a batch's backward pass also covers its images that just finished
+            assert crafted_small.backwards == crafted_large.backwards > 0
 
 
 def test_least_likely_targets_count_as_queries(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
@@ -135,8 +142,8 @@ def test_least_likely_targets_count_as_queries(tmp_path: Path, data_dir: Path, c
     suite = load_suite(tiny_suite(tmp_path / "s.toml", n=16, extra=extra))
     cell = next(c for c in expand(suite) if c.targeted)
     ctx = Context(Settings(data_dir=str(data_dir), cache_dir=str(cache_dir)))
-    _, _, targets, counted = ctx.craft(cell, ctx.model(cell), cell.cell_seed)
-    assert targets is not None and counted.forwards == 16 + 16 and counted.backwards == 16
+    crafted, _, targets = craft_cell(cell, ctx, ctx.models.model(cell))
+    assert targets is not None and crafted.forwards == 16 + 16 and crafted.backwards == 16
 
 
 def test_art_class_gradient_takes_one_backward_pass() -> None:
@@ -196,5 +203,5 @@ def test_craft_batches_follow_the_settings(tmp_path: Path, data_dir: Path, cache
             return self.model(x)
 
     ctx = Context(Settings(data_dir=str(data_dir), cache_dir=str(cache_dir), batch=8))
-    ctx.craft(cell, Spy(ctx.model(cell)), cell.cell_seed)
+    craft_cell(cell, ctx, Spy(ctx.models.model(cell)))
     assert calls == [8, 8, 4]

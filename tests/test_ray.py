@@ -24,7 +24,8 @@ from bench.attacks import REGISTRY as ATTACKS
 from bench.attacks.base import Attack
 from bench.cli import main
 from bench.errors import BenchError
-from bench.evaluate import Context, Settings
+from bench.evaluate import Context
+from bench.settings import Settings
 from bench.executors import LocalExecutor
 from bench.grid import expand
 from bench.runner import run

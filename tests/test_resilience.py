@@ -10,7 +10,8 @@ import torch
 
 from bench.cli import main
 from bench.errors import BenchError
-from bench.evaluate import Context, Settings
+from bench.evaluate import Context
+from bench.settings import Settings
 from bench.grid import expand
 from bench.resilience import STRENGTHS, analyse, half_step, noise_draw, noisy, recommend, resolve_auto_levels
 from bench.suite import parse

@@ -11,7 +11,6 @@ from bench.attacks import REGISTRY as ATTACKS
 from bench.errors import SuiteError
 from bench.grid import count, expand
 from bench.suite import load_suite
-from bench.types import Threat
 
 BASE = """
 name = "t"
@@ -36,10 +35,10 @@ def test_valid_suite_expands_to_its_grid(tmp_path: Path) -> None:
     suite = load_suite(write(tmp_path, BASE))
     cells = expand(suite)
     assert len(cells) == count(suite) == 4
-    assert {(c.threat, c.eps) for c in cells} == {(t, e) for t in (Threat.WHITEBOX, Threat.BPDA) for e in (0.1, 0.3)}
+    assert {(c.threat, c.eps) for c in cells} == {(t, e) for t in ("whitebox", "bpda") for e in (0.1, 0.3)}
     assert len({c.key for c in cells}) == 4
-    bpda = next(c for c in cells if c.threat is Threat.BPDA and c.eps == 0.1)
-    white = next(c for c in cells if c.threat is Threat.WHITEBOX and c.eps == 0.1)
+    bpda = next(c for c in cells if c.threat == "bpda" and c.eps == 0.1)
+    white = next(c for c in cells if c.threat == "whitebox" and c.eps == 0.1)
     assert bpda.compute_key == white.key and bpda.cell_seed == white.cell_seed
 
 
@@ -61,7 +60,7 @@ def test_a_revised_attack_gets_new_cell_keys(tmp_path: Path, monkeypatch: pytest
     (BASE.replace("eps = [0.1, 0.3]", 'eps = "big"'), "attacks[0].eps", "expected a number"),
     (BASE.replace("n = 100", "n = 0"), "datasets.mnist.n", "≥ 1"),
     (BASE.replace("n = 100", "n = 1.5"), "datasets.mnist.n", "expected an integer"),
-    (BASE.replace('"bpda"', '"greybox"'), "attacks[0].threat", "expected one of whitebox, blackbox, bpda"),
+    (BASE.replace('"bpda"', '"greybox"'), "attacks[0].threat", "expected one of blackbox, bpda, oblivious, whitebox"),
     (BASE.replace("[datasets.mnist]", "[datasets.svhn]"), "datasets.svhn", "unknown key"),
     (BASE + "[blackbox]\nrounds = 99\n", "blackbox.rounds", "in [0, 10]"),
     (BASE.replace("eps = [0.1, 0.3]", "eps = []"), "attacks[0].eps", "empty list"),
@@ -115,10 +114,11 @@ def test_shipped_suites_are_valid() -> None:
 
 
 def test_every_suite_setting_is_documented() -> None:
-    from bench.suite import BLACKBOX_PARAMS, BPDA_PARAMS, CHECKS_PARAMS, DATASET_PARAMS, RESILIENCE_PARAMS, TOP_KEYS
+    from bench.suite import CHECKS_PARAMS, DATASET_PARAMS, RESILIENCE_PARAMS, TOP_KEYS
+    from bench.threats import REGISTRY as THREATS
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "suites.md").read_text()
-    for params in (DATASET_PARAMS, BLACKBOX_PARAMS, BPDA_PARAMS, CHECKS_PARAMS, RESILIENCE_PARAMS):
+    for params in (DATASET_PARAMS, CHECKS_PARAMS, RESILIENCE_PARAMS, *(cls.params for cls in THREATS)):
         for p in params:
             assert f"| `{p.name}` |" in doc, p.name
     for key in TOP_KEYS:

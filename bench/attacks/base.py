@@ -9,6 +9,8 @@ the attack). Device and eval mode are the runner's business too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +19,25 @@ from torch import nn
 from bench.registry import Component, Param, Registry
 
 TARGET_MODES = ("none", "random", "next", "least_likely", "all")
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class Runtime:
+    """How the harness runs an attack (not part of its parameters): ``batch`` images per step on ``device``;
+    ``early_stop``: a pooled attack may drop an image once the attacked model's verdict decides it (true only when
+    that model's forward pass is the defended model's and deterministic); ``should_stop`` is polled between
+    batches (Ctrl-C); ``ids`` names each attempt of the batch stably within its cell (random starts follow it, so
+    an image gets the same start whichever other images are attacked with it)."""
+
+    batch: int = 256
+    device: str = "cpu"
+    early_stop: bool = True
+    should_stop: Callable[[], bool] = field(default=_never)
+    ids: torch.Tensor | None = None
 
 
 def target_param(default: str = "none", modes: tuple[str, ...] = TARGET_MODES) -> Param:
@@ -35,7 +56,9 @@ class Attack(Component):
     single-step attacks for the ``single>iter`` red flag; ``check_convergence`` attacks (with a ``steps``
     parameter) are re-run with doubled steps at the largest eps for the ``not-converged`` red flag.
     ``revision`` is raised when a fix changes an adapter's results: it is part of the cell key, so a results
-    directory never resumes a cell computed before the fix.
+    directory never resumes a cell computed before the fix. ``pooled`` attacks run the harness's step loop: they
+    get every attempt at once (on the CPU) and batch them themselves by ``runtime.batch``. ``stats`` is what an
+    attack reports about its last run (e.g. ``late_loss_gain`` for the ``unstable-loss`` flag).
     """
 
     norm: ClassVar[str] = "linf"
@@ -45,9 +68,12 @@ class Attack(Component):
     clip_param: ClassVar[str | None] = None
     check_convergence: ClassVar[bool] = False
     revision: ClassVar[int] = 0
+    pooled: ClassVar[bool] = False
 
     def __init__(self, values: dict[str, Any]) -> None:
         self.values = values
+        self.runtime = Runtime()
+        self.stats: dict[str, Any] = {}
 
     @classmethod
     def bound_norm(cls) -> str:
@@ -62,6 +88,17 @@ class Attack(Component):
                 target: torch.Tensor | None) -> torch.Tensor:
         """Adversarial versions of ``x`` (labels ``y``); ``target`` holds target labels when targeted."""
         raise NotImplementedError
+
+    def passes(self) -> tuple[float, float]:
+        """(forward, backward) passes per attempt when every image takes every step: the upper bound
+        ``bench run --dry-run`` estimates from. Default: ``steps`` × ``restarts`` of each (one pass for attacks
+        without steps); gradient-free attacks use forwards only. Ensembles add up their components."""
+        parts = self.components()
+        if parts:
+            costs = [part.passes() for _, part in parts]
+            return sum(f for f, _ in costs), sum(b for _, b in costs)
+        steps = float(self.values.get("steps", 1) * self.values.get("restarts", 1))
+        return (steps, steps) if self.gradient else (steps, 0.0)
 
     def components(self) -> list[tuple[str, Attack]]:
         """An ensemble's attacks in order, as (label, adapter); empty for a single attack.

@@ -43,3 +43,6 @@ class DeepFool(Attack):
                                  epsilon=self.values["overshoot"], batch_size=len(x), verbose=False)
             adv[todo] = _art.to_tensor(attack.generate(_art.to_numpy(x[todo])), x)
         return adv
+
+    def passes(self) -> tuple[float, float]:
+        return float(self.values["steps"]), 10.0 * self.values["steps"]  # one gradient per class a step

@@ -66,3 +66,6 @@ class HSJA(Attack):
             adv[todo] = _art.to_tensor(attack.generate(_art.to_numpy(x[todo]), y=labels[todo].cpu().numpy(),
                                                        x_adv_init=_art.to_numpy(x[nearest[todo]])), x)
         return adv
+
+    def passes(self) -> tuple[float, float]:
+        return float(self.values["max_iter"] * (self.values["max_eval"] + 25)), 0.0  # + ~25 binary-search queries

@@ -40,3 +40,7 @@ class JSMA(Attack):
         attack = SaliencyMapMethod(_art.classifier(model, x), theta=self.values["theta"], gamma=self.values["gamma"],
                                    batch_size=len(x), verbose=False)
         return _art.to_tensor(attack.generate(_art.to_numpy(x), y=target.cpu().numpy()), x)
+
+    def passes(self) -> tuple[float, float]:
+        steps = self.values["gamma"] * 784 / 2  # two pixels a step (MNIST-sized; CIFAR-10 images are larger)
+        return steps, steps

@@ -36,3 +36,6 @@ class Square(Attack):
         attack = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=v["queries"], n_restarts=v["restarts"],
                                      p_init=v["p_init"], loss="margin", seed=int(torch.randint(2**31, ())))
         return self.torchattacks_call(attack, x, y, target)
+
+    def passes(self) -> tuple[float, float]:
+        return float(self.values["queries"] * self.values["restarts"]), 0.0

@@ -1,0 +1,79 @@
+"""The threat-model base class and registry.
+
+A threat model decides what the attacker works on: the defended model itself (``whitebox``), a copy with an
+approximate backward pass (``bpda``), a substitute trained from label queries (``blackbox``), or the undefended
+model (``oblivious``). The attack's output is always scored on the real defended model by the runner. A threat
+may own a suite table of settings (``[blackbox]``, ``[bpda]``) declared as ``params``; they become the cell's
+``threat_params``. Adding a threat is one module in this package (or a plug-in) with a registered subclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from bench.registry import Component, Registry
+
+if TYPE_CHECKING:
+    from bench.evaluate import Context
+    from bench.grid import Cell
+    from defenses.base import Defense
+
+
+@dataclass
+class Source:
+    """What a cell's attack runs on.
+
+    ``model`` is the network the attacker differentiates or queries. ``shared`` names crafted examples that do
+    not depend on the defense (the same undefended model or substitute for every defense): cells with the same
+    ``shared`` key reuse one crafting run. ``extra`` holds fields for the cell's record.
+    """
+
+    model: nn.Module
+    shared: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Threat(Component):
+    """Base of threat models.
+
+    ``short`` is the label in tables. ``gradient_only`` threats refuse gradient-free attacks (``bpda`` changes only
+    the backward pass). ``transfer`` threats craft on another model than the defended one: the attack cannot stop
+    an image early on its own model's verdict, and the examples are crafted on every evaluated image.
+    ``params`` are the settings of the threat's suite table (named like the threat); a parameter named in
+    ``list_params`` may be a list there, each value a variant of the threat (see ``variants``).
+    """
+
+    short: ClassVar[str]
+    list_params: ClassVar[tuple[str, ...]] = ()
+    gradient_only: ClassVar[bool] = False
+    transfer: ClassVar[bool] = False
+
+    @classmethod
+    def variants(cls, defense: Defense, settings: dict[str, Any]) -> list[dict[str, Any]]:
+        """The ``threat_params`` of the cells of one (defense, attack): one dict per variant of the threat."""
+        return [dict(settings)]
+
+    @classmethod
+    def label(cls, params: dict[str, Any]) -> str:
+        """The threat as shown in tables, e.g. ``wb`` or ``bpda-soft``."""
+        return cls.short
+
+    @classmethod
+    def same_as_whitebox(cls, params: dict[str, Any]) -> bool:
+        """True when the cell is the ``whitebox`` computation (e.g. bpda on a defense with nothing to approximate)."""
+        return False
+
+    def requires(self, cell: Cell, ctx: Context) -> list[tuple[str, Cell]]:
+        """Trained artifacts the cell needs besides its own model, in dependency order: ``("model", cell)`` or
+        ``("substitute", cell)`` (executors train them first, ``--fresh`` forgets them)."""
+        return []
+
+    def source(self, cell: Cell, ctx: Context) -> Source:
+        """The model the cell's attack runs on."""
+        raise NotImplementedError
+
+
+REGISTRY: Registry[Threat] = Registry("threat", Threat, "bench.threats")
