@@ -20,7 +20,7 @@ import pandas as pd
 
 from bench import flags as flags_mod
 from bench import plots
-from bench.results import read_records, unpack_mask
+from bench.results import check_compatible, read_records, unpack_mask, write_text
 
 MASK_FIELDS = ("clean_mask", "robust_mask", "detected_mask")
 
@@ -171,7 +171,8 @@ def write(out: Path, records: list[dict[str, Any]] | None = None) -> Path:
     out = Path(out)
     if records is None:
         records = read_records(out / "cells.jsonl")
-    (out / "leaderboard.md").write_text(render(records))
-    csv_frame(records).to_csv(out / "cells.csv", index=False)
+    check_compatible(last_records(records), str(out / "cells.jsonl"))
+    write_text(out / "leaderboard.md", render(records))
+    write_text(out / "cells.csv", csv_frame(records).to_csv(index=False))
     plots.write(last_records(records), out / "plots")
     return out / "leaderboard.md"
