@@ -225,3 +225,73 @@ def test_a_symlinked_cells_file_is_never_written_through(tmp_path: Path) -> None
     with pytest.raises(BenchError, match="symbolic link"), ResultsStore(out) as store:
         store.append(record("a"))
     assert victim.read_text() == "precious\n"
+
+
+# --- item 1 (suite files), 8 and 9: the suite loader ---------------------------------------------------------
+
+
+def test_a_5000_character_suite_name_exits_2(tmp_path: Path) -> None:
+    """Item 1: it used to reach mkdir (File name too long)."""
+    path = tiny_suite(tmp_path / "s.toml")
+    path.write_text(path.read_text().replace('name = "tiny"', f'name = "{"a" * 5000}"', 1))
+    one_line_error(cli("check", str(path)), "name", "1 to 100 letters")
+
+
+def test_an_eps_list_nested_thousands_deep_exits_2(tmp_path: Path) -> None:
+    """Item 1: RecursionError in the TOML parser; also below the recursion limit, a deep value is refused."""
+    path = tiny_suite(tmp_path / "s.toml")
+    for depth in (5000, 500):
+        path.write_text(path.read_text().split("[[attacks]]")[0] +
+                        f'[[attacks]]\nname = "fgsm"\neps = {"[" * depth}0.1{"]" * depth}\n')
+        one_line_error(cli("check", str(path)), str(path), "nested deeper than")
+
+
+def test_include_of_a_device_is_refused_at_once(tmp_path: Path) -> None:
+    """Item 8: ``include = "/dev/zero"`` was read without limit."""
+    path = tiny_suite(tmp_path / "s.toml")
+    path.write_text('include = "/dev/zero"\n' + path.read_text())
+    one_line_error(cli("check", str(path)), "/dev/zero", "not a regular file")
+
+
+def test_a_fifo_as_suite_file_is_refused_not_waited_on(tmp_path: Path, bench_env: dict[str, str]) -> None:
+    """Item 8: a subprocess, so that a regression hangs only it (and fails on the timeout)."""
+    fifo = tmp_path / "suite.toml"
+    os.mkfifo(fifo)
+    result = bench("check", str(fifo), env=bench_env, timeout=120)
+    assert result.returncode == 2 and "not a regular file" in result.stderr, result.stderr
+
+
+def test_a_huge_suite_file_is_refused(tmp_path: Path) -> None:
+    """Item 8."""
+    path = tiny_suite(tmp_path / "s.toml")
+    path.write_text(path.read_text() + "# " + "x" * (2 << 20) + "\n")
+    one_line_error(cli("check", str(path)), str(path), "larger than")
+
+
+def test_an_error_in_an_included_suite_names_that_file(tmp_path: Path) -> None:
+    """Item 9."""
+    base = tiny_suite(tmp_path / "base.toml")
+    base.write_text(base.read_text().replace("eps = [0.1, 0.3]", "eps = [0.1, 7]"))
+    top = tmp_path / "top.toml"
+    top.write_text('include = "base.toml"\nname = "top"\n[datasets.mnist]\nn = 50\n')
+    line = one_line_error(cli("check", str(top)), f"bench: error: {base}: attacks[0].eps", "included by")
+    assert str(top) in line
+    top.write_text('include = "base.toml"\nname = "top"\n[datasets.mnist]\nn = -5\n')
+    one_line_error(cli("check", str(top)), f"bench: error: {top}: datasets.mnist.n")
+
+
+def test_the_bpda_table_lists_every_allowed_key(tmp_path: Path) -> None:
+    """Item 9: a typo in ``bpda.backward`` was answered with 'allowed: soft_z'."""
+    path = tiny_suite(tmp_path / "s.toml", extra='[bpda]\nbackwards = "soft"\n')
+    one_line_error(cli("check", str(path)), "bpda.backwards", 'did you mean "backward"', "backward, soft_z")
+
+
+@pytest.mark.parametrize(("extra", "path", "duplicate"), [
+    ('[[defenses]]\nname = "none"\n', "defenses[1]", "as defenses[0]"),
+    ('[[attacks]]\nname = "fgsm"\neps = [0.3, 0.5]\nthreat = "bpda"\n', "attacks[1]", "fgsm bpda eps=0.3 on mnist"),
+    ('[[defenses]]\nname = "cq"\nlevels = [2, 2]\n', "defenses[1]", "the same defense twice"),
+])
+def test_duplicate_entries_are_an_error_not_merged(tmp_path: Path, extra: str, path: str, duplicate: str) -> None:
+    """Item 9: two entries that expand to the same parameters were silently one."""
+    suite = tiny_suite(tmp_path / "s.toml", extra=extra)
+    one_line_error(cli("check", str(suite)), f"{suite}: {path}", duplicate)
