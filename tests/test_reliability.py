@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,19 +30,22 @@ from bench.cli import main
 from bench.errors import BenchError, SuiteError
 from bench.results import ResultsStore, read_records
 from bench.suite import load_suite
-from bench.train import ModelCache
-from conftest import ROOT, bench, tiny_suite
+from bench.train import ModelCache, cache_key
+from conftest import bench, tiny_suite
 from test_results import REFERENCE, record
 
 # --- helpers --------------------------------------------------------------------------------------------------
 
 
 def cli(*args: str) -> tuple[int, str, str]:
-    """``bench ARGS`` in this process: (exit code, stdout, stderr). Anything but a BenchError propagates."""
+    """``bench ARGS`` in this process: (exit code, stdout, stderr with the warnings). Anything but a BenchError
+    propagates."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
+    return code, out.getvalue(), err.getvalue() + "".join(f"bench: warning: {w.message}\n" for w in caught)
 
 
 def one_line_error(result: tuple[int, str, str], *needles: str) -> str:
@@ -295,3 +299,261 @@ def test_duplicate_entries_are_an_error_not_merged(tmp_path: Path, extra: str, p
     """Item 9: two entries that expand to the same parameters were silently one."""
     suite = tiny_suite(tmp_path / "s.toml", extra=extra)
     one_line_error(cli("check", str(suite)), f"{suite}: {path}", duplicate)
+
+
+# --- item 1: outputs that cannot be written, records that cannot be read -------------------------------------
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only", "under a read-only directory"])
+def test_an_unusable_out_exits_2_before_anything_runs(tmp_path: Path, read_only: Callable[[Path], None],
+                                                      case: str) -> None:
+    """Item 1."""
+    suite = tiny_suite(tmp_path / "s.toml")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    out = {"a file": blocker, "under a file": blocker / "out", "read-only": locked,
+           "under a read-only directory": locked / "out"}[case]
+    read_only(locked)
+    one_line_error(cli("run", str(suite), "--out", str(out)), str(out))
+
+
+def test_report_into_a_missing_directory_exits_2(tmp_path: Path) -> None:
+    """Item 1."""
+    out = results_dir(tmp_path, reference_lines())
+    one_line_error(cli("report", str(out), "--out", str(tmp_path / "missing" / "R.md")), "missing", "does not exist")
+
+
+def test_perf_out_naming_a_directory_exits_2_before_measuring(tmp_path: Path) -> None:
+    """Item 1: it used to measure for minutes, then fail writing."""
+    one_line_error(cli("perf", "--images", "2", "--repeats", "1", "--attacks", "fgsm", "--out", str(tmp_path)),
+                   str(tmp_path), "is a directory")
+
+
+def test_every_reader_skips_malformed_records_with_a_warning(tmp_path: Path) -> None:
+    """Item 1: records that parse as JSON but lack fields or carry wrong types."""
+    lines = reference_lines()
+    broken = [{k: v for k, v in json.loads(lines[0]).items() if k != "threat_label"},
+              {**json.loads(lines[1]), "robust_acc": "high"}, {**json.loads(lines[2]), "n": 7},
+              {**json.loads(lines[3]), "defense_params": None}, {"cell_id": "x"}]
+    out = results_dir(tmp_path, [*lines[4:], *map(json.dumps, broken)])
+    before = (out / "cells.jsonl").read_bytes()
+    for args in (["leaderboard", str(out)], ["audit", str(out)], ["compare", str(out), str(out)],
+                 ["report", str(out), "--out", str(tmp_path / "R.md")]):
+        code, _, err = cli(*args)
+        assert code == 0, (args, err)
+        assert "'threat_label' must be a non-empty string, found missing" in err and "'robust_acc' must be" in err
+    assert (out / "cells.jsonl").read_bytes() == before
+
+
+# --- item 2: bad input is exit 2 once, not a failed cell each -----------------------------------------------
+
+
+def mnist_copy(tmp_path: Path, data_dir: Path) -> Path:
+    """A data directory whose MNIST files link to the real ones (replace one to break it)."""
+    root = tmp_path / "data"
+    (root / "mnist").mkdir(parents=True)
+    for source in (data_dir / "mnist").iterdir():
+        (root / "mnist" / source.name).symlink_to(source)
+    return root
+
+
+@pytest.fixture
+def unreadable(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
+    """Make a file unreadable: ``chmod 000``; as root, opening it fails with EACCES as it does for everyone else."""
+    def make(path: Path) -> None:
+        path.chmod(0)
+        if os.geteuid() != 0:
+            return
+        target = os.path.abspath(path)
+        real_open, real_builtin_open = os.open, builtins.open
+
+        def os_open(name: Any, *args: Any, **kwargs: Any) -> int:
+            if not isinstance(name, int) and os.path.abspath(os.fsdecode(name)) == target:
+                raise _denied(name)
+            return real_open(name, *args, **kwargs)
+
+        def builtin_open(name: Any, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(name, int) and os.path.abspath(os.fsdecode(name)) == target:
+                raise _denied(name)
+            return real_builtin_open(name, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", os_open)
+        monkeypatch.setattr(builtins, "open", builtin_open)
+        monkeypatch.setattr(io, "open", builtin_open)
+    return make
+
+
+def test_device_bogus_exits_2(tmp_path: Path) -> None:
+    """Item 2."""
+    suite = tiny_suite(tmp_path / "s.toml")
+    one_line_error(cli("run", str(suite), "--out", str(tmp_path / "out"), "--device", "bogus"), "--device bogus")
+
+
+def test_an_unreadable_data_file_exits_2_before_any_cell(tmp_path: Path, data_dir: Path,
+                                                         unreadable: Callable[[Path], None]) -> None:
+    """Item 2."""
+    data = mnist_copy(tmp_path, data_dir)
+    labels = data / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    labels.unlink()
+    shutil.copy(data_dir / "mnist" / labels.name, labels)
+    unreadable(labels)
+    suite, out = tiny_suite(tmp_path / "s.toml"), tmp_path / "out"
+    for args in (["check", str(suite)], ["run", str(suite), "--out", str(out)]):
+        one_line_error(cli(*args, "--data-dir", str(data)), str(labels), "cannot read")
+    assert not (out / "cells.jsonl").exists()
+
+
+def test_test_images_of_the_wrong_size_exit_2_before_training(tmp_path: Path, data_dir: Path) -> None:
+    """Item 2: 32×32 MNIST test images were found only when the trained model met them, in every cell."""
+    data = mnist_copy(tmp_path, data_dir)
+    images = data / "mnist" / "t10k-images-idx3-ubyte.gz"
+    with gzip.open(images, "rb") as f:
+        raw = f.read()
+    n = struct.unpack(">I", raw[4:8])[0]
+    padded = np.pad(np.frombuffer(raw, np.uint8, offset=16).reshape(n, 28, 28), ((0, 0), (2, 2), (2, 2)))
+    images.unlink()
+    images.write_bytes(gzip.compress(struct.pack(">IIII", 0x803, n, 32, 32) + padded.tobytes(), compresslevel=1))
+    suite, out, cache = tiny_suite(tmp_path / "s.toml"), tmp_path / "out", tmp_path / "cache"
+    one_line_error(cli("run", str(suite), "--out", str(out), "--data-dir", str(data), "--cache-dir", str(cache)),
+                   str(images), "1×32×32", "expected 1×28×28")
+    assert not list(cache.rglob("*.pt"))
+
+
+def test_a_cache_dir_that_is_a_file_exits_2(tmp_path: Path) -> None:
+    """Item 2."""
+    cache = tmp_path / "cache"
+    cache.write_text("")
+    suite = tiny_suite(tmp_path / "s.toml")
+    one_line_error(cli("run", str(suite), "--out", str(tmp_path / "out"), "--cache-dir", str(cache)), str(cache),
+                   "not a directory")
+
+
+def _build() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(3, 2)
+
+
+def _trainer(calls: list[int], value: float = 0.5) -> Callable[[nn.Module], dict[str, float]]:
+    def train(model: nn.Module) -> dict[str, float]:
+        calls.append(1)
+        with torch.no_grad():
+            model.weight.fill_(value)
+        return {"score": value}
+    return train
+
+
+def _score(model: nn.Module) -> dict[str, float]:
+    return {"score": round(float(model.weight.detach().mean()), 4)}
+
+
+def test_a_cache_path_that_is_a_directory_is_an_error_before_training(tmp_path: Path) -> None:
+    """Item 2: training ran, then saving into a directory failed, once per cell."""
+    cache, calls = ModelCache(tmp_path), []
+    weights, _ = cache.paths("mnist", "none", cache_key({"a": 1}))
+    weights.mkdir(parents=True)
+    with pytest.raises(BenchError, match="expected a file in the model cache"):
+        cache.get_or_train("mnist", "none", {"a": 1}, _build, _trainer(calls))
+    assert calls == []
+
+
+# --- item 6: a poisoned model cache ------------------------------------------------------------------------
+
+
+def _trained(tmp_path: Path, calls: list[int]) -> tuple[ModelCache, Path, Path]:
+    cache = ModelCache(tmp_path)
+    cache.get_or_train("mnist", "none", {"a": 1}, _build, _trainer(calls), _score)
+    return cache, next(tmp_path.glob("mnist/*.pt")), next(tmp_path.glob("mnist/*.json"))
+
+
+def test_nan_weights_are_rejected_and_retrained(tmp_path: Path) -> None:
+    """Item 6: a valid state dict full of NaN looked like a perfect defense."""
+    calls: list[int] = []
+    cache, weights, _ = _trained(tmp_path, calls)
+    torch.save({"weight": torch.full((2, 3), float("nan")), "bias": torch.zeros(2)}, weights)
+    with pytest.warns(UserWarning, match="non-finite weights"):
+        model, facts = cache.get_or_train("mnist", "none", {"a": 1}, _build, _trainer(calls), _score)
+    assert calls == [1, 1] and not facts["cached"] and torch.isfinite(model.weight).all()
+
+
+def test_a_sidecar_of_other_weights_is_not_believed(tmp_path: Path) -> None:
+    """Item 6: weights replaced under their sidecar; its stale facts were reported."""
+    calls: list[int] = []
+    cache, weights, sidecar = _trained(tmp_path, calls)
+    torch.save({"weight": torch.full((2, 3), 0.25), "bias": torch.zeros(2)}, weights)
+    with pytest.warns(UserWarning, match="describes other weights"):
+        _, facts = cache.get_or_train("mnist", "none", {"a": 1}, _build, _trainer(calls), _score)
+    assert calls == [1] and facts["cached"] and facts["score"] == 0.25
+    assert json.loads(sidecar.read_text())["score"] == 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tied again: no warning
+        cache.get_or_train("mnist", "none", {"a": 1}, _build, _trainer(calls), _score)
+
+
+def test_a_corrupt_sidecar_keeps_a_good_checkpoint(tmp_path: Path) -> None:
+    """Item 6: a corrupt sidecar used to discard (retrain) a good checkpoint."""
+    calls: list[int] = []
+    cache, _, sidecar = _trained(tmp_path, calls)
+    sidecar.write_text("{")
+    with pytest.warns(UserWarning, match="unreadable sidecar"):
+        model, facts = cache.get_or_train("mnist", "none", {"a": 1}, _build, _trainer(calls), _score)
+    assert calls == [1] and facts["cached"] and torch.equal(model.weight, torch.full((2, 3), 0.5))
+
+
+def test_a_checkpoint_disagreeing_with_its_accuracy_is_retrained(tmp_path: Path) -> None:
+    """Item 6: the verified fact (here a score, in the harness the accuracy on 1,000 test images) is recomputed
+    after loading; an older sidecar without a hash is believed only when it agrees."""
+    calls: list[int] = []
+    cache, weights, sidecar = _trained(tmp_path, calls)
+    facts = json.loads(sidecar.read_text())
+    del facts["weights_sha256"]
+    sidecar.write_text(json.dumps(facts))
+    torch.save({"weight": torch.full((2, 3), 0.9), "bias": torch.zeros(2)}, weights)
+    with pytest.warns(UserWarning, match="sidecar records 0.5"):
+        model, facts = cache.get_or_train("mnist", "none", {"a": 1}, _build, _trainer(calls), _score)
+    assert calls == [1, 1] and facts["score"] == 0.5 and torch.equal(model.weight, torch.full((2, 3), 0.5))
+
+
+# --- item 9: misleading checks -----------------------------------------------------------------------------
+
+
+def test_compare_against_an_empty_reference_exits_2(tmp_path: Path) -> None:
+    """Item 9: '0/0 reference cells match' passed."""
+    run = results_dir(tmp_path, reference_lines(), "run")
+    empty = results_dir(tmp_path, [], "empty")
+    one_line_error(cli("compare", str(run), str(empty)), "holds no successful cell records")
+    failed = results_dir(tmp_path, [json.dumps({**record("e"), "error": "RuntimeError: x", "robust_acc": None})],
+                         "failed")
+    one_line_error(cli("compare", str(run), str(failed)), "holds no successful cell records")
+
+
+def test_check_reads_the_data_and_knows_its_size(tmp_path: Path, data_dir: Path) -> None:
+    """Item 9: n beyond the test set passed, and only the files' existence was checked."""
+    suite = tiny_suite(tmp_path / "s.toml", n=20000)
+    one_line_error(cli("check", str(suite)), "datasets.mnist.n = 20000", "only 10000 images")
+    data = mnist_copy(tmp_path, data_dir)
+    labels = data / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    truncated = labels.read_bytes()[:1000]
+    labels.unlink()
+    labels.write_bytes(truncated)
+    one_line_error(cli("check", str(tiny_suite(tmp_path / "t.toml")), "--data-dir", str(data)), str(labels))
+
+
+@pytest.mark.parametrize("flag", [["--address", "auto"], ["--gpus-per-cell", "1"], ["--cpus-per-cell", "2"]])
+def test_ray_flags_without_the_ray_executor_exit_2(tmp_path: Path, flag: list[str]) -> None:
+    """Item 9: they were silently ignored."""
+    suite = tiny_suite(tmp_path / "s.toml")
+    one_line_error(cli("run", str(suite), "--out", str(tmp_path / "out"), *flag), flag[0], "--executor ray")
+
+
+def test_a_read_only_cache_holding_the_model_is_used(tmp_path: Path, read_only: Callable[[Path], None]) -> None:
+    """Item 9: each cell failed creating the model's .lock; a model the cache lacks is one clear error."""
+    calls: list[int] = []
+    cache, _, _ = _trained(tmp_path, calls)
+    read_only(tmp_path / "mnist")
+    read_only(tmp_path)
+    model, facts = cache.get_or_train("mnist", "none", {"a": 1}, _build, _trainer(calls), _score)
+    assert calls == [1] and facts["cached"] and torch.equal(model.weight, torch.full((2, 3), 0.5))
+    with pytest.raises(BenchError, match="writable directory"):
+        cache.get_or_train("mnist", "none", {"a": 2}, _build, _trainer(calls), _score)
