@@ -141,13 +141,24 @@ def parse_line(raw: bytes) -> tuple[dict[str, Any] | None, str | None]:
     if len(raw) > MAX_LINE:
         return None, f"line of {len(raw)} bytes, longer than {MAX_LINE}"
     try:
-        record = json.loads(raw)
+        record = json.loads(raw, parse_float=_finite, parse_constant=_not_a_number)
     except RecursionError:
         return None, "JSON nested too deeply"
     except ValueError as exc:
         return None, f"not JSON ({str(exc).splitlines()[0][:60]})"
     problem = check_record(record)
     return (None, problem) if problem else (record, None)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} out of range")
+    return value
+
+
+def _not_a_number(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def scan(path: Path) -> list[Line]:

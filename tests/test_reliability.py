@@ -557,3 +557,21 @@ def test_a_read_only_cache_holding_the_model_is_used(tmp_path: Path, read_only: 
     assert calls == [1] and facts["cached"] and torch.equal(model.weight, torch.full((2, 3), 0.5))
     with pytest.raises(BenchError, match="writable directory"):
         cache.get_or_train("mnist", "none", {"a": 2}, _build, _trainer(calls), _score)
+
+
+def test_a_run_recomputes_malformed_records_and_keeps_a_copy(tmp_path: Path, bench_env: dict[str, str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items 1 and 4 through ``bench run``: a record of the grid with a wrong mask crashed the leaderboard after
+    the remaining cells were computed; a line without a cell id vanished on rewrite."""
+    monkeypatch.setenv("BENCH_CACHE_DIR", bench_env["BENCH_CACHE_DIR"])
+    suite, out = tiny_suite(tmp_path / "s.toml", n=20, eps="[0.1, 0.2]"), tmp_path / "out"
+    suite.write_text(suite.read_text().replace('threat = ["whitebox", "bpda"]', 'threat = "whitebox"'))
+    assert cli("run", str(suite), "--out", str(out), "--no-progress")[0] == 0
+    first, second = (out / "cells.jsonl").read_text().splitlines()
+    broken = json.dumps({**json.loads(second), "robust_mask": "zz"})
+    (out / "cells.jsonl").write_text(f"{first}\n{broken}\n{{\"note\": \"mine\"}}\n{first[:50]}")
+    code, stdout, err = cli("run", str(suite), "--out", str(out), "--no-progress")
+    assert code == 0 and "1 resumed, 1 computed" in stdout, err
+    assert (out / "cells.stale.jsonl").read_text().splitlines() == [broken, '{"note": "mine"}', first[:50]]
+    assert [json.loads(line)["cell_id"] for line in (out / "cells.jsonl").read_text().splitlines()] == \
+        [json.loads(first)["cell_id"], json.loads(second)["cell_id"]]
