@@ -361,6 +361,7 @@ def record_base(cell: Cell) -> dict[str, Any]:
         "norm": ATTACKS.get(cell.attack).bound_norm(), "gradient_free": not ATTACKS.get(cell.attack).gradient,
         "iterative": ATTACKS.get(cell.attack).iterative, "purpose": cell.purpose, "n": cell.n,
         "seed": cell.cell_seed, "suite_seed": cell.seed, "cell_id": cell.key, "compute_id": cell.compute_key,
+        "sample": cell.sample,  # with n, dataset and suite_seed: which images the masks index (results.group_key)
         **provenance.stamp(),
     }
 

@@ -575,3 +575,16 @@ def test_a_run_recomputes_malformed_records_and_keeps_a_copy(tmp_path: Path, ben
     assert (out / "cells.stale.jsonl").read_text().splitlines() == [broken, '{"note": "mine"}', first[:50]]
     assert [json.loads(line)["cell_id"] for line in (out / "cells.jsonl").read_text().splitlines()] == \
         [json.loads(first)["cell_id"], json.loads(second)["cell_id"]]
+
+
+def test_records_say_which_images_their_masks_index(tmp_path: Path) -> None:
+    """Item 5: the sample (first n or a seeded draw) is part of what must match before masks are combined."""
+    from bench.evaluate import record_base
+    from bench.grid import expand
+
+    path = tiny_suite(tmp_path / "s.toml")
+    path.write_text(path.read_text().replace("n = 200", 'n = 200\nsample = "random"'))
+    base = record_base(expand(load_suite(path))[0])
+    assert base["sample"] == "random"
+    with pytest.raises(BenchError, match="sample 'random' vs 'first'"):
+        results.check_compatible([base, {**base, "sample": "first"}])
