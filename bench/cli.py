@@ -30,14 +30,70 @@ def _keep_freed_memory() -> None:
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap instead of returning it
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
 def _device(choice: str | None) -> str:
+    """``--device``: a torch device of a known type that can hold a tensor here (checked now, not per cell)."""
     import torch
 
-    if choice:
-        if choice.startswith("cuda") and not torch.cuda.is_available():
+    if not choice:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise BenchError(f"--device {choice}: expected a torch device such as cpu, cuda or cuda:1 "
+                         f"(types: {', '.join(DEVICE_TYPES)})")
+    if device.type == "cuda":  # checked without creating a CUDA context (Ray cells run elsewhere)
+        if not torch.cuda.is_available():
             raise BenchError(f"--device {choice}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BenchError(f"--device {choice}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         return choice
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.zeros(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise BenchError(f"--device {choice}: cannot be used here ({str(exc).splitlines()[0]})") from None
+    return choice
+
+
+def _cache_dir(arg: str | None) -> str | None:
+    """The model cache (--cache-dir, $BENCH_CACHE_DIR or the default) must be a directory or creatable; it may be
+    read-only when it already holds every model."""
+    from bench.train import default_cache_dir
+
+    path = Path(arg).expanduser() if arg else default_cache_dir()
+    source = "--cache-dir" if arg else "BENCH_CACHE_DIR" if os.environ.get("BENCH_CACHE_DIR") else "model cache"
+    if path.exists() and not path.is_dir():
+        raise BenchError(f"{source} {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"{source} {path}: cannot be created ({exc.strerror or exc})") from None
+    return arg
+
+
+def _output_file(text: str, flag: str, *, make_parent: bool = False) -> Path:
+    """A file named on the command line for writing: not a directory, in a writable directory (created first
+    with ``make_parent``). Checked before the work that produces it."""
+    path = Path(text)
+    if path.is_dir():
+        raise BenchError(f"{flag} {text}: is a directory; expected a file name")
+    if make_parent:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BenchError(f"{flag} {text}: cannot create {path.parent} ({exc.strerror or exc})") from None
+    if not path.parent.is_dir():
+        raise BenchError(f"{flag} {text}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise BenchError(f"{flag} {text}: directory {path.parent} is not writable")
+    return path
+
+
+RAY_FLAGS = ("address", "cpus_per_cell", "gpus_per_cell")
 
 
 def _data_dir(arg: str | None) -> str | None:
@@ -53,23 +109,19 @@ def _data_dir(arg: str | None) -> str | None:
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    from bench.results import prepare_dir
     from bench.runner import default_out, run
     from bench.settings import Settings, available_cores
     from bench.suite import load_suite
 
     suite = load_suite(args.suite)
-    if args.no_progress:  # also the training and substitute bars, here and in Ray workers
-        os.environ["BENCH_NO_PROGRESS"] = "1"
-    settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device),
-                        strict_data=args.strict_data)
+    ray = {name: getattr(args, name) for name in RAY_FLAGS if getattr(args, name) is not None}
+    if ray and args.executor != "ray":
+        flag = "--" + next(iter(ray)).replace("_", "-")
+        raise BenchError(f"{flag} applies to --executor ray only; add --executor ray or leave it out")
+    settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=_cache_dir(args.cache_dir),
+                        device=_device(args.device), strict_data=args.strict_data)
     torch.set_num_threads(available_cores())
-    _keep_freed_memory()
-    executor = None
-    if args.executor == "ray":
-        from bench.ray_executor import RayExecutor
-
-        executor = RayExecutor(address=args.address, cpus_per_cell=args.cpus_per_cell,
-                               gpus_per_cell=args.gpus_per_cell)
     if args.dry_run:
         from bench.estimate import estimate
         from bench.evaluate import Context
@@ -78,6 +130,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(estimate(plan(suite, args.limit), Context(settings)).describe())
         return 0
     out = Path(args.out) if args.out else default_out(suite, args.limit)
+    prepare_dir(out)
+    if args.no_progress:  # also the training and substitute bars, here and in Ray workers
+        os.environ["BENCH_NO_PROGRESS"] = "1"
+    _keep_freed_memory()
+    executor = None
+    if args.executor == "ray":
+        from bench.ray_executor import RayExecutor
+
+        executor = RayExecutor(**ray)
     summary = run(suite, out, settings, limit=args.limit, fresh=args.fresh, executor=executor,
                   progress=not args.no_progress)
     print(summary.describe())
@@ -89,19 +150,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from bench.data import FILES, SUBDIR, resolve_dir
+    from bench.evaluate import Context, Settings
     from bench.grid import expand
+    from bench.runner import check_data
     from bench.suite import load_suite
 
     suite = load_suite(args.suite)
     cells = expand(suite)
     named = _data_dir(args.data_dir)
     root = resolve_dir(named)
+    ctx = Context(Settings(data_dir=named))
     for dataset in suite.datasets:
         missing = [f for f in FILES[dataset] if not (root / SUBDIR[dataset] / f).is_file()]
         if missing and named:
             raise BenchError(f"{dataset.value} files missing in {root / SUBDIR[dataset]}: {', '.join(missing)}")
         if missing:
             print(f"note: {dataset.value} files are not in {root} yet; bench run will try to download them")
+        else:
+            check_data([c for c in cells if c.dataset is dataset], ctx)
     print(f"{suite.source}: ok — suite {suite.name!r}: {len(suite.datasets)} dataset(s), {len(suite.defenses)} "
           f"defense(s), {len(suite.attacks)} attack(s), {len(cells)} cells")
     return 0
@@ -175,7 +241,8 @@ def cmd_resilience(args: argparse.Namespace) -> int:
         if getattr(args, p.name) is not None:
             settings[p.name] = p.check(getattr(args, p.name), "<arguments>", f"--{p.name}")
     torch.set_num_threads(available_cores())
-    ctx = Context(Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device)))
+    ctx = Context(Settings(data_dir=_data_dir(args.data_dir), cache_dir=_cache_dir(args.cache_dir),
+                           device=_device(args.device)))
     analysis = analyse(ctx, undefended_cell(dataset, train, seed), settings["eps"], settings["noise"],
                        settings["tolerance"], images=args.n, max_levels=args.max_levels)
     print(render(analysis))
@@ -184,12 +251,14 @@ def cmd_resilience(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from bench import flags
-    from bench.results import read_records
+    from bench.leaderboard import last_records
+    from bench.results import check_compatible, read_records
 
     path = Path(args.dir) / "cells.jsonl"
     if not path.is_file():
         raise BenchError(f"{path} does not exist: run a suite into {args.dir} first")
     records = read_records(path)
+    check_compatible(last_records(records), str(path))
     raised = flags.compute(records)
     if not raised:
         print(f"no red flags in {len(records)} cells")
@@ -207,13 +276,14 @@ def cmd_perf(args: argparse.Namespace) -> int:
     from bench.settings import Settings, available_cores
     from bench.types import Dataset
 
+    out = _output_file(args.out, "--out", make_parent=True)
     only = tuple(args.attacks.split(",")) if args.attacks else ()
     unknown = sorted(set(only) - set(perf.ATTACKS))
     if unknown:
         raise BenchError(f"--attacks {args.attacks}: unknown {', '.join(unknown)}; expected some of "
                          f"{', '.join(perf.ATTACKS)}")
-    settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=args.cache_dir, device=_device(args.device),
-                        batch=args.batch)
+    settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=_cache_dir(args.cache_dir),
+                        device=_device(args.device), batch=args.batch)
     torch.set_num_threads(args.threads or available_cores())
     _keep_freed_memory()
     rows, facts = perf.measure(Dataset(args.dataset), settings, args.images, args.repeats, only)
@@ -223,15 +293,15 @@ def cmd_perf(args: argparse.Namespace) -> int:
                         *([f"--threads {args.threads}"] if args.threads else [])])
     block = perf.render(rows, facts, command)
     print(block)
-    perf.write(Path(args.out), block)
+    perf.write(out, block)
     print(f"wrote {args.out}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from bench.compare import compare, load_dir
+    from bench.compare import compare, load_dir, load_reference
 
-    reference = load_dir(args.reference)
+    reference = load_reference(args.reference)
     drifts = compare(load_dir(args.dir), reference, args.clean_tol, args.robust_tol)
     for drift in drifts:
         print(f"DRIFT {drift.cell}: {drift.problem}")
@@ -242,16 +312,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bench import report
-    from bench.results import read_records
+    from bench.results import read_records, write_text
 
+    out = _output_file(args.out, "--out")
     records = []
     for directory in args.dirs:
         path = Path(directory) / "cells.jsonl"
         if not path.is_file():
             raise BenchError(f"{path} does not exist: run the paper suites first (bench run suites/paper-mnist.toml)")
         records += read_records(path)
-    out = Path(args.out)
-    out.write_text(report.render(records))
+    write_text(out, report.render(records))
     print(f"wrote {out}")
     return 0
 
@@ -277,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "release instead of using them with a warning")
     run.add_argument("--executor", choices=("local", "ray"), default="local", help="where cells run (default: local)")
     run.add_argument("--address", help="Ray cluster address ('auto' or ray://host:port); default: embedded local Ray")
-    run.add_argument("--cpus-per-cell", type=_positive_float, default=1.0, help="Ray CPUs per cell task")
-    run.add_argument("--gpus-per-cell", type=_nonnegative_float, default=0.0, help="Ray GPUs per cell task")
+    run.add_argument("--cpus-per-cell", type=_positive_float, help="Ray CPUs per cell task (default 1)")
+    run.add_argument("--gpus-per-cell", type=_nonnegative_float, help="Ray GPUs per cell task (default 0)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 

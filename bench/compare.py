@@ -23,7 +23,8 @@ def _describe(r: dict[str, Any]) -> str:
 
 def compare(run: list[dict[str, Any]], reference: list[dict[str, Any]], clean_tol: float,
             robust_tol: float) -> list[Drift]:
-    """Every reference cell must be in ``run``, without error, with accuracies within the tolerances."""
+    """Every reference cell must be in ``run`` (its last record), without error, with accuracies within the
+    tolerances."""
     by_id = {r["cell_id"]: r for r in run}
     drifts = []
     for ref in reference:
@@ -47,3 +48,13 @@ def load_dir(path: str | Path) -> list[dict[str, Any]]:
     if not cells.is_file():
         raise BenchError(f"{cells} does not exist")
     return read_records(cells)
+
+
+def load_reference(path: str | Path) -> list[dict[str, Any]]:
+    """The reference cells: the last record of each cell that did not fail. A reference without any is refused,
+    since every run would match it."""
+    latest = {r["cell_id"]: r for r in load_dir(path)}
+    reference = [r for r in latest.values() if r.get("error") is None]
+    if not reference:
+        raise BenchError(f"{Path(path) / 'cells.jsonl'} holds no successful cell records: nothing to compare against")
+    return reference

@@ -113,7 +113,7 @@ def load(dataset: Dataset, data_dir: str | os.PathLike[str] | None = None, *, st
                 f"Put the original files there or point BENCH_DATA_DIR (or --data-dir) at a folder holding "
                 f"{SUBDIR[dataset]}/"
             )
-    md5 = {name: md5sum(root / name) for name in expected}
+    md5 = {name: _md5_of(root / name) for name in expected}
     mismatched = tuple(name for name in expected if md5[name] != expected[name])
     if mismatched:
         message = (f"{dataset.value} data in {root} is not the official release (md5 differs for "
@@ -124,8 +124,8 @@ def load(dataset: Dataset, data_dir: str | os.PathLike[str] | None = None, *, st
     if dataset is Dataset.MNIST:
         train = Split(_idx_images(root / "train-images-idx3-ubyte.gz"), _idx_labels(root / "train-labels-idx1-ubyte.gz"))
         test = Split(_idx_images(root / "t10k-images-idx3-ubyte.gz"), _idx_labels(root / "t10k-labels-idx1-ubyte.gz"))
-        _check_pair(root / "train-images-idx3-ubyte.gz", train)
-        _check_pair(root / "t10k-images-idx3-ubyte.gz", test)
+        _check_pair(root / "train-images-idx3-ubyte.gz", train, dataset)
+        _check_pair(root / "t10k-images-idx3-ubyte.gz", test, dataset)
     else:
         batches = [_cifar_batch(root / f"data_batch_{i}") for i in range(1, 6)]
         train = Split(_to_float(np.concatenate([pixels for pixels, _ in batches])),
@@ -135,7 +135,19 @@ def load(dataset: Dataset, data_dir: str | os.PathLike[str] | None = None, *, st
     return Data(dataset, train, test, md5, mismatched)
 
 
-def _check_pair(path: Path, split: Split) -> None:
+def _md5_of(path: Path) -> str:
+    try:
+        return md5sum(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _check_pair(path: Path, split: Split, dataset: Dataset) -> None:
+    """As many labels as images, and images of the dataset's size (the model is built for it)."""
+    if tuple(split.x.shape[1:]) != dataset.shape:
+        size = "×".join(map(str, split.x.shape[1:]))
+        expected = "×".join(map(str, dataset.shape))
+        raise DataError(f"{path}: images of {size} pixels, expected {expected} ({dataset.value})")
     if len(split.x) != len(split.y):
         raise DataError(f"{path}: {len(split.x)} images but {len(split.y)} labels in the matching label file")
 
@@ -207,8 +219,11 @@ def _plain_dtype(spec: object, *args: object) -> np.dtype:
 def _cifar_batch(path: Path) -> tuple[np.ndarray, torch.Tensor]:
     """(uint8 pixels N×3×32×32, int64 labels) of one batch file, validated."""
     try:
-        with open(path, "rb") as f:
-            batch = _SafeUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        batch = _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             struct.error) as exc:
         raise DataError(f"{path}: not a CIFAR-10 batch ({type(exc).__name__}: {exc})") from None

@@ -22,7 +22,7 @@ import pandas as pd
 from bench import flags as flags_mod
 from bench import plots, sheet
 from bench.errors import BenchError
-from bench.results import read_records, unpack_mask
+from bench.results import check_compatible, read_records, unpack_mask, write_text
 
 MASK_FIELDS = ("clean_mask", "robust_mask", "detected_mask", "examples")
 SANITY_EPS = 1.0  # cells at eps ≥ this are sanity checks (every image can become any other)
@@ -218,9 +218,10 @@ def write(out: Path, records: list[dict[str, Any]] | None = None) -> Path:
     out = Path(out)
     if records is None:
         records = read_records(out / "cells.jsonl")
-    (out / "leaderboard.md").write_text(render(records))
-    csv_frame(records).to_csv(out / "cells.csv", index=False)
     latest = last_records(records)
+    check_compatible(latest, str(out / "cells.jsonl"))
+    write_text(out / "leaderboard.md", render(records))
+    write_text(out / "cells.csv", csv_frame(records).to_csv(index=False))
     plots.write(latest, out / "plots")
     sheet.write(latest, out / "plots")
     return out / "leaderboard.md"

@@ -114,8 +114,13 @@ class Models:
             return {"test_acc": round(float(correct.mean()), 4),
                     "test_acc_first_1000": round(float(correct[:1000].mean()), 4)}
 
+        def verify(model: nn.Module) -> dict[str, float]:
+            """A cached model's accuracy on the first 1,000 test images: cheap, and its sidecar must agree."""
+            first = (predict(model, data.test.x[:1000]) == data.test.y[:1000]).float()
+            return {"test_acc_first_1000": round(float(first.mean()), 4)}
+
         model, facts = self.cache.get_or_train(cell.dataset.value, self.model_label(cell), self.model_fields(cell),
-                                               build, train)
+                                               build, train, verify)
         return model.to(self.settings.device).eval().requires_grad_(False), facts
 
     def clean_predictions(self, cell: Cell) -> torch.Tensor:

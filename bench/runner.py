@@ -21,7 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from bench import leaderboard
-from bench.errors import Interrupted
+from bench.errors import BenchError, Interrupted
 from bench.evaluate import Context, error_record, record_base
 from bench.executors import Executor, LocalExecutor
 from bench.grid import Cell, expand
@@ -69,6 +69,19 @@ def plan(suite: Suite, limit: int | None = None) -> list[Cell]:
     return cells
 
 
+def check_data(cells: list[Cell], ctx: Context) -> None:
+    """Load every dataset the cells use and pick their images, so that missing, unreadable or malformed data, an
+    n larger than the test set or too few images for the black-box holdout stop the run (exit 2) before any
+    cell runs, instead of failing every cell (after training)."""
+    for cell in {(c.dataset, c.n, c.sample, c.seed, c.threat, repr(c.threat_params)): c for c in cells}.values():
+        test = ctx.models.data(cell.dataset).test
+        if cell.n > len(test):
+            raise BenchError(f"datasets.{cell.dataset.value}.n = {cell.n}: the {cell.dataset.value} test set has "
+                             f"only {len(test)} images")
+        ctx.models.eval_set(cell)
+        THREATS.get(cell.threat)().check(cell, ctx)
+
+
 @contextmanager
 def _ctrl_c_stops(stop: Event) -> Iterator[None]:
     """First Ctrl-C: finish the current batch, then stop. Second Ctrl-C: stop now."""
@@ -93,6 +106,7 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
     cells = plan(suite, limit)
     stop = Event()
     driver = Context(settings, stop=stop)
+    check_data(cells, driver)
     if any(c.defense_values.get("levels") == AUTO for c in cells):
         cells = resolve_auto_levels(cells, driver, suite.resilience)
     wanted = {c.key for c in cells}

@@ -10,6 +10,10 @@ from another suite and overrides its keys (tables merge key by key, arrays are r
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +26,9 @@ from bench.train import TrainConfig
 from bench.types import Dataset
 
 MAX_INCLUDE_DEPTH = 8
+MAX_SUITE_BYTES = 1 << 20
+MAX_NESTING = 16  # the deepest a valid suite goes is 4 (a list of lists in an attack entry of [[attacks]])
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 TOP_KEYS = ("name", "description", "seed", "include", "max_cells", "datasets", "defenses", "attacks", "checks",
             "resilience")  # and one table per threat model that has settings ([blackbox], [bpda])
@@ -88,40 +95,99 @@ class Suite:
 
 
 def load_suite(path: str | Path) -> Suite:
-    """Read, merge includes and validate the suite at ``path``."""
+    """Read, merge includes and validate the suite at ``path``; an error is reported against the file (the
+    suite itself or one it includes) that set the offending key."""
     path = Path(path)
-    raw = _read_with_includes(path, 0)
-    return parse(raw, str(path), default_name=path.stem)
+    origins: dict[tuple[str, ...], str] = {}
+    raw = _read_with_includes(path, 0, origins)
+    try:
+        return parse(raw, str(path), default_name=path.stem)
+    except SuiteError as exc:
+        origin = _origin(exc.path, origins)
+        if origin is None or origin == str(path):
+            raise
+        raise SuiteError(origin, exc.path, f"{exc.detail} (in a suite included by {path})") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The TOML table of ``path``: a regular file of at most ``MAX_SUITE_BYTES`` with values nested at most
+    ``MAX_NESTING`` deep (a device, a FIFO or a huge file is refused instead of read forever)."""
     source = str(path)
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise SuiteError(source, "", f"cannot read the suite file ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SuiteError(source, "", "not a regular file (a directory, device or FIFO?); expected a TOML file")
+        try:
+            data = f.read(MAX_SUITE_BYTES + 1)
+        except OSError as exc:
+            raise SuiteError(source, "", f"cannot read the suite file ({exc.strerror or exc})") from None
+    if len(data) > MAX_SUITE_BYTES:
+        raise SuiteError(source, "", f"larger than {MAX_SUITE_BYTES >> 10} KiB; expected a suite file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SuiteError(source, "", f"not UTF-8 text (byte {exc.start})") from None
     try:
-        return tomllib.loads(text)
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(source, "", f"invalid TOML: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise SuiteError(source, "", f"values nested deeper than {MAX_NESTING} levels") from None
+    _check_nesting(raw, source)
+    return raw
 
 
-def _read_with_includes(path: Path, depth: int) -> dict[str, Any]:
+def _check_nesting(raw: dict[str, Any], source: str) -> None:
+    """Refuse arrays and tables nested deeper than ``MAX_NESTING`` (checked without recursion)."""
+    stack: list[tuple[Any, str, int]] = [(raw, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise SuiteError(source, path, f"values nested deeper than {MAX_NESTING} levels")
+        if isinstance(value, dict):
+            stack += [(v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+
+
+def _read_with_includes(path: Path, depth: int, origins: dict[tuple[str, ...], str]) -> dict[str, Any]:
+    """The suite at ``path`` merged over the suites it includes; ``origins`` maps each key path to the file
+    that set it last."""
     raw = _read_toml(path)
     include = raw.pop("include", None)
-    if include is None:
-        return raw
-    if not isinstance(include, str):
-        raise SuiteError(str(path), "include", f"expected a file name (string), got {_show(include)}")
-    if depth >= MAX_INCLUDE_DEPTH:
-        raise SuiteError(str(path), "include", f"includes nested deeper than {MAX_INCLUDE_DEPTH} (a cycle?)")
-    base = _read_with_includes((path.parent / include), depth + 1)
-    base.pop("name", None)
-    return _merge(base, raw)
+    if include is not None:
+        if not isinstance(include, str) or not include:
+            raise SuiteError(str(path), "include", f"expected a file name (string), got {_show(include)}")
+        if depth >= MAX_INCLUDE_DEPTH:
+            raise SuiteError(str(path), "include", f"includes nested deeper than {MAX_INCLUDE_DEPTH} (a cycle?)")
+        base = _read_with_includes(path.parent / include, depth + 1, origins)
+        base.pop("name", None)
+        origins.pop(("name",), None)
+    _note_origins(raw, (), str(path), origins)
+    return raw if include is None else _merge(base, raw)
+
+
+def _note_origins(table: Mapping[str, Any], prefix: tuple[str, ...], source: str,
+                  origins: dict[tuple[str, ...], str]) -> None:
+    for key, value in table.items():
+        path = (*prefix, key)
+        if isinstance(value, Mapping):
+            _note_origins(value, path, source, origins)
+        else:
+            for stale in [p for p in origins if p[:len(path)] == path]:
+                del origins[stale]
+        origins[path] = source
+
+
+def _origin(path: str, origins: dict[tuple[str, ...], str]) -> str | None:
+    """The file that set the key at ``path`` (``attacks[0].eps``: the file that set ``attacks``)."""
+    keys = tuple(re.findall(r"[^.\[\]]+", re.sub(r"\[\d+\]", "", path)))
+    while keys and keys not in origins:
+        keys = keys[:-1]
+    return origins.get(keys) if keys else None
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -257,7 +323,7 @@ def _threat_settings(raw: dict[str, Any], source: str) -> dict[str, dict[str, An
     for cls in THREATS:
         if not cls.params:
             continue
-        table = dict(raw.get(cls.name) or {})
+        table = dict(_check_keys(raw.get(cls.name) or {}, tuple(p.name for p in cls.params), source, cls.name))
         listed = {}
         for name in cls.list_params:
             if name in table:
@@ -271,6 +337,26 @@ def _threat_settings(raw: dict[str, Any], source: str) -> dict[str, dict[str, An
         checked = check_table(table, tuple(p for p in cls.params if p.name not in listed), source, cls.name)
         settings[cls.name] = {**checked, **listed}
     return settings
+
+
+def _refuse_duplicates(entries: list[tuple[str, Entry]], registry: Any, kind: str, source: str) -> None:
+    """Two entries (or two values of one entry) that give the same resolved parameters on a dataset, at the same
+    threat and eps, would be one grid cell: an error naming both, not a silent merge."""
+    seen: dict[tuple[Any, ...], tuple[str, int]] = {}
+    for number, (path, entry) in enumerate(entries):
+        cls = registry.get(entry.name)
+        for dataset in entry.datasets:
+            values = cls.resolve(entry.given, dataset)
+            text = json.dumps(values, sort_keys=True, default=str)
+            for threat in entry.threats or (None,):
+                for eps in entry.eps:
+                    first = seen.setdefault((dataset, entry.name, text, threat, eps), (path, number))
+                    if first[1] == number:
+                        continue
+                    what = " ".join([cls.make_id(values, dataset), *([threat] if threat else []),
+                                     *([f"eps={eps:g}"] if eps is not None else []), f"on {dataset.value}"])
+                    where = f"the same {kind} twice" if first[0] == path else f"the same {kind} as {first[0]}"
+                    raise SuiteError(source, path, f"{where} ({what}); remove the duplicate")
 
 
 def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suite:
@@ -287,8 +373,10 @@ def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suit
         Param("seed", int, 0, "seed of training, sampling, targets and attacks", low=0, high=2**31 - 1),
         Param("max_cells", int, 10_000, "refuse grids larger than this", low=1),
     ), source, "")
-    if not top["name"] or not all(c.isalnum() or c in "-_." for c in top["name"]):
-        raise SuiteError(source, "name", f"expected letters, digits, '-', '_' or '.', got {_show(top['name'])}")
+    if not NAME.fullmatch(top["name"]):
+        raise SuiteError(source, "name", f"expected 1 to 100 letters, digits, '-', '_' or '.', starting with a "
+                         f"letter or digit (it names the results directory; default: the file name), got "
+                         f"{_show(top['name'])}")
 
     tables = raw.get("datasets")
     if tables is None:
@@ -309,8 +397,8 @@ def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suit
         path = f"defenses[{i}]"
         cls = DEFENSES.get(entry["name"], source, f"{path}.name")
         on = _datasets_filter(entry, available, source, path)
-        defenses += [Entry(cls.name, given, on) for given in _expand(cls, entry, ("datasets",), source, path,
-                                                                       top["max_cells"])]
+        defenses += [(path, Entry(cls.name, given, on)) for given in _expand(cls, entry, ("datasets",), source, path,
+                                                                               top["max_cells"])]
 
     attacks = []
     for i, entry in enumerate(_entries(raw, "attacks", source)):
@@ -323,13 +411,15 @@ def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suit
                 raise SuiteError(source, f"{path}.threat", f"{cls.name} uses no gradients, so {threat} does not apply "
                                  f"to it")
         reserved = ("datasets", "eps", "threat")
-        attacks += [Entry(cls.name, given, on, eps, threats) for given in _expand(cls, entry, reserved, source, path,
-                                                                                  top["max_cells"])]
+        attacks += [(path, Entry(cls.name, given, on, eps, threats))
+                    for given in _expand(cls, entry, reserved, source, path, top["max_cells"])]
+    _refuse_duplicates(defenses, DEFENSES, "defense", source)
+    _refuse_duplicates(attacks, ATTACKS, "attack", source)
 
     return Suite(
         name=top["name"], source=source, description=top["description"], seed=top["seed"],
-        max_cells=top["max_cells"], datasets=datasets, defenses=tuple(defenses), attacks=tuple(attacks),
-        threats=_threat_settings(raw, source),
+        max_cells=top["max_cells"], datasets=datasets, defenses=tuple(e for _, e in defenses),
+        attacks=tuple(e for _, e in attacks), threats=_threat_settings(raw, source),
         checks=check_table(raw.get("checks"), CHECKS_PARAMS, source, "checks"),
         resilience=check_table(raw.get("resilience"), RESILIENCE_PARAMS, source, "resilience"), raw=raw,
     )

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import __version__
-from bench.errors import Interrupted
+from bench.errors import BenchError, Interrupted
 from bench.progress import bar as progress_bar
 
 BatchHook = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, x, y, progress=fraction done) -> (x, y)
@@ -133,9 +134,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BENCH_CACHE_DIR") or "~/.cache/qusec-bench/models").expanduser()
 
 
+VERIFY_TOLERANCE = 0.02  # a verified fact (an accuracy) may differ this much, e.g. between devices
+
+
 @dataclass
 class ModelCache:
-    """Trained weights on disk under ``root/<dataset>/<label>-<key>.pt`` with a ``.json`` sidecar."""
+    """Trained weights on disk under ``root/<dataset>/<label>-<key>.pt`` with a ``.json`` sidecar.
+
+    The sidecar holds the facts of the training (what ``train`` returns, e.g. test accuracy) and the sha256 of
+    the weights file, which ties it to those weights. A loaded checkpoint must hold finite weights and agree with
+    ``verify`` (cheap facts recomputed from the loaded model), else it is set aside and retrained. A sidecar that
+    is unreadable or describes other weights is not believed, but its checkpoint is kept and the sidecar
+    rewritten. A read-only cache serves the models it holds.
+    """
 
     root: Path
 
@@ -152,45 +163,140 @@ class ModelCache:
             path.unlink(missing_ok=True)
 
     def get_or_train(self, dataset: str, label: str, fields: dict[str, Any], build: Callable[[], nn.Module],
-                     train: Callable[[nn.Module], dict[str, Any]]) -> tuple[nn.Module, bool]:
+                     train: Callable[[nn.Module], dict[str, Any]],
+                     verify: Callable[[nn.Module], dict[str, float]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
         """The model for ``fields``: loaded from the cache, else built, trained by ``train`` and stored.
 
         Returns (model, facts): the sidecar's facts (``train`` may add some, e.g. accuracy) and ``cached``.
         """
-        key = cache_key(fields)
-        weights, sidecar = self.paths(dataset, label, key)
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(weights.with_suffix(".lock")):
-            model = build()
+        weights, sidecar = self.paths(dataset, label, cache_key(fields))
+        lock = weights.with_suffix(".lock")
+        for path in (weights, sidecar, lock):
+            if path.exists() and not path.is_file():
+                raise BenchError(f"{path}: expected a file in the model cache, found a directory or device; "
+                                 f"remove it or choose another --cache-dir")
+        try:
+            weights.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BenchError(f"model cache {self.root}: cannot create {weights.parent} "
+                             f"({exc.strerror or exc})") from None
+        with _file_lock(lock, required=not weights.is_file()) as locked:
             if weights.is_file():
-                try:
-                    state = torch.load(weights, map_location="cpu", weights_only=True)
-                    model.load_state_dict(state)
-                    facts = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-                    return model.eval(), {**facts, "cached": True}
-                except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is retrained, never trusted
-                    aside = weights.with_suffix(f".corrupt-{int(time.time())}")
-                    weights.replace(aside)
-                    warnings.warn(f"{weights}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
-                                  f"moved to {aside.name} and retraining", stacklevel=2)
-                    model = build()
+                loaded = self._load(weights, sidecar, fields, build, verify, locked)
+                if loaded is not None:
+                    return loaded
+            model = build()
             start = time.perf_counter()
             facts = train(model)
             seconds = time.perf_counter() - start
-            tmp = weights.with_suffix(".pt.tmp")
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-            os.replace(tmp, weights)
-            facts = {"key": fields, "train_seconds": round(seconds, 2), "version": __version__, **facts}
-            sidecar.write_text(json.dumps(facts, indent=2, default=str) + "\n")
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            if not _finite(state):
+                raise ValueError("training produced non-finite weights (NaN or inf); not cached")
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+            _write(weights, buffer.getvalue())
+            facts = {"key": fields, "train_seconds": round(seconds, 2), "version": __version__, **facts,
+                     "weights_sha256": digest}
+            _write(sidecar, (json.dumps(facts, indent=2, default=str) + "\n").encode())
             return model.eval(), {**facts, "cached": False}
+
+    def _load(self, weights: Path, sidecar: Path, fields: dict[str, Any], build: Callable[[], nn.Module],
+              verify: Callable[[nn.Module], dict[str, float]] | None,
+              writable: bool) -> tuple[nn.Module, dict[str, Any]] | None:
+        """The cached model and its facts, or None when the checkpoint cannot be trusted and was set aside."""
+        try:
+            raw = weights.read_bytes()
+            model = build()
+            model.load_state_dict(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is retrained, never trusted
+            return _set_aside(weights, f"unreadable checkpoint ({type(exc).__name__}: {exc})", writable)
+        if not _finite(model.state_dict()):
+            return _set_aside(weights, "non-finite weights (NaN or inf)", writable)
+        digest = hashlib.sha256(raw).hexdigest()
+        recorded, problem = _sidecar_facts(sidecar, digest)
+        fresh = verify(model.eval()) if verify is not None else {}
+        for name, value in fresh.items():
+            old = recorded.get(name)
+            if isinstance(old, int | float) and not abs(old - value) <= VERIFY_TOLERANCE:
+                return _set_aside(weights, f"{name} of the loaded model is {value}, its sidecar records {old}",
+                                  writable)
+        facts = {**recorded, **fresh}
+        if problem or recorded.get("weights_sha256") != digest:  # tie the sidecar to these weights
+            if problem:
+                warnings.warn(f"{sidecar}: {problem}; checkpoint kept, sidecar rewritten", stacklevel=3)
+            facts = {"key": fields, "version": __version__, **facts, "weights_sha256": digest}
+            if writable:
+                with suppress(BenchError):
+                    _write(sidecar, (json.dumps(facts, indent=2, default=str) + "\n").encode())
+        return model.eval(), {**facts, "cached": True}
+
+
+def _sidecar_facts(path: Path, digest: str) -> tuple[dict[str, Any], str | None]:
+    """The facts of a sidecar that belongs to the weights of sha256 ``digest``: ({}, why) when it is unreadable
+    or describes other weights. A sidecar of an older harness, without a hash, is taken (``verify`` checks it)."""
+    if not path.is_file():
+        return {}, None
+    try:
+        facts = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        return {}, f"unreadable sidecar ({type(exc).__name__})"
+    if not isinstance(facts, dict):
+        return {}, "unreadable sidecar (not a JSON object)"
+    if facts.get("weights_sha256", digest) != digest:
+        return {}, "sidecar describes other weights (sha256 differs)"
+    return facts, None
+
+
+def _set_aside(weights: Path, reason: str, writable: bool) -> None:
+    """Move an untrustworthy checkpoint out of the way (it is retrained) and say so."""
+    aside = weights.with_suffix(f".corrupt-{int(time.time())}")
+    try:
+        if not writable:
+            raise PermissionError("the model cache is read-only")
+        weights.replace(aside)
+    except OSError as exc:
+        raise BenchError(f"{weights}: {reason}, and it cannot be moved aside ({exc}); remove it or choose another "
+                         f"--cache-dir") from None
+    warnings.warn(f"{weights}: {reason}; moved to {aside.name} and retraining", stacklevel=4)
+
+
+def _finite(state: Mapping[str, Any]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise BenchError(f"{path}: cannot write to the model cache ({exc.strerror or exc})") from None
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as handle:
+def _file_lock(path: Path, required: bool) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path``; yields whether it is held. In a read-only cache (the lock file cannot be
+    created) a model the cache holds is read without it; one it does not hold (``required``) is an error."""
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 - closed below, after the lock is released
+    except OSError as exc:
+        if required:
+            raise BenchError(f"model cache {path.parent}: cannot create {path.name} ({exc.strerror or exc}) to "
+                             f"train a model it lacks; point --cache-dir at a writable directory") from None
+        handle = None
+    if handle is None:
+        yield False
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

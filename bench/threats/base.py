@@ -71,6 +71,10 @@ class Threat(Component):
         ``("substitute", cell)`` (executors train them first, ``--fresh`` forgets them)."""
         return []
 
+    def check(self, cell: Cell, ctx: Context) -> None:
+        """Raise a :class:`~bench.errors.BenchError` before any cell runs when the data cannot serve this cell
+        (e.g. too few test images left for the black-box attacker's holdout)."""
+
     def source(self, cell: Cell, ctx: Context) -> Source:
         """The model the cell's attack runs on."""
         raise NotImplementedError

@@ -43,6 +43,9 @@ class Blackbox(Threat):
     def requires(self, cell: Cell, ctx: Context) -> list[tuple[str, Cell]]:
         return [("model", ctx.models.oracle_cell(cell)), ("substitute", cell)]
 
+    def check(self, cell: Cell, ctx: Context) -> None:
+        ctx.models.holdout(cell)
+
     def source(self, cell: Cell, ctx: Context) -> Source:
         substitute, facts = ctx.models.substitute(cell)
         _, x, _ = ctx.models.eval_set(cell)
