@@ -9,6 +9,9 @@ from typing import Any
 import pytest
 
 from bench import report
+from bench.results import pack_mask
+from bench.runner import plan
+from bench.suite import load_suite
 from conftest import bench
 from test_leaderboard import N, cell
 
@@ -33,7 +36,20 @@ def test_cq_claim_reproduced_only_without_adaptive_attacks() -> None:
     assert report.verdict(c, c.figures(records)) == "reproduced"
     records[0] = qcell("cq(n=2,z=50)", "fgsm", "whitebox", 0.3, N // 2)
     assert report.verdict(c, c.figures(records)) == "not reproduced"
+    records.append(qcell("cq(n=2,z=50)", "fgsm", "oblivious", 0.3, N))
+    assert report.verdict(c, c.figures(records)) == "reproduced only against an oblivious attacker"
     assert report.verdict(c, c.figures([])) == "not evaluated"
+
+
+def test_summary_and_cifar_marks_are_generated() -> None:
+    records = [qcell("cq(n=2,z=50)", "fgsm", "whitebox", 0.3, N), qcell("cq(n=2,z=50)", "pgd", "bpda", 0.3, 0),
+               qcell("cq(n=2,z=50)", "fgsm", "oblivious", 0.3, N)]
+    text = report.render(records)
+    assert "1 reproduced only without adaptive attacks" in text and "Reproduced only without adaptive attacks: #2." \
+        in text
+    assert "CQ (n = 2) at 97.51 % under FGSM ε 0.3 on MNIST, measures here: oblivious 100.0 %, white-box 100.0 %" \
+        in text and "adaptive worst case 0.0 %" in text
+    assert "not the official release" in text
 
 
 def test_level_trend_and_report_rendering() -> None:
@@ -56,12 +72,14 @@ def test_paper_mnist_limit_200_report_follows_its_cells(tmp_path: Path, bench_en
                    timeout=6 * 3600)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
-    assert len(records) == 528 and all(r["n"] == 200 and r["error"] is None for r in records)
+    assert len(records) == len(plan(load_suite("suites/paper-mnist.toml"), 200))
+    assert all(r["n"] == 200 and r["error"] is None for r in records)
     assert bench("report", str(out), "--out", str(tmp_path / "REPRODUCTION.md"), env=bench_env).returncode == 0
     text = (tmp_path / "REPRODUCTION.md").read_text()
     assert "not evaluated" in text  # the CIFAR-10 claims: no CIFAR-10 cells were given
     c = claim("MNIST, white-box FGSM ε 0.3, CQ")
-    fooled = [{**r, "robust_acc": 0.0, "robust_mask": "0"} if r["threat"] == "bpda" else r for r in records]
+    fooled = [{**r, "robust_acc": 0.0, "robust_mask": pack_mask([False] * r["n"])} if r["threat"] == "bpda" else r
+              for r in records]
     assert report.verdict(c, c.figures(fooled)) in ("reproduced only without adaptive attacks", "not reproduced")
-    survived = [{**r, "robust_acc": 1.0, "robust_mask": format((1 << r["n"]) - 1, "x")} for r in records]
+    survived = [{**r, "robust_acc": r["clean_acc"], "robust_mask": r["clean_mask"]} for r in records]
     assert report.verdict(c, c.figures(survived)) == "reproduced"
