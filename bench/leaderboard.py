@@ -25,6 +25,7 @@ from bench.errors import BenchError
 from bench.results import check_compatible, read_records, unpack_mask, write_text
 
 MASK_FIELDS = ("clean_mask", "robust_mask", "detected_mask", "examples")
+PLAN = "plan.json"  # written by bench run: the cell ids of the suite's grid, so a partial run says so
 SANITY_EPS = 1.0  # cells at eps ≥ this are sanity checks (every image can become any other)
 
 
@@ -152,13 +153,17 @@ def _components(recs: list[dict[str, Any]]) -> list[str]:
             "", frame.to_markdown(index=False, disable_numparse=True), ""]
 
 
-def render(records: Iterable[dict[str, Any]]) -> str:
-    """The whole ``leaderboard.md`` for ``records``."""
+def render(records: Iterable[dict[str, Any]], planned: set[str] | None = None) -> str:
+    """The whole ``leaderboard.md`` for ``records``; ``planned``: the cell ids of the whole grid, when known."""
     records = list(records)
     if not records:
         return "# Leaderboard\n\nNo cells yet.\n"
     suites = ", ".join(dict.fromkeys(r["suite"] for r in records))
-    lines = [f"# Leaderboard: {suites}", "",
+    done = {r["cell_id"] for r in records if r.get("error") is None}
+    missing = len(planned - done) if planned else 0
+    partial = ([f"**Partial: {len(planned) - missing} of {len(planned)} cells.** The run has not finished; worst "
+                "cases and flags cover the finished cells only.", ""] if missing else [])
+    lines = [f"# Leaderboard: {suites}", "", *partial,
              "Accuracy in % on the evaluated test images (higher is better for the defense); an image counts only "
              "if it is classified correctly clean *and* after the attack (AutoAttack's convention). Threats: wb = "
              "white-box, bpda = white-box through the defense with a differentiable backward approximation, bb = "
@@ -220,8 +225,17 @@ def write(out: Path, records: list[dict[str, Any]] | None = None) -> Path:
         records = read_records(out / "cells.jsonl")
     latest = last_records(records)
     check_compatible(latest, str(out / "cells.jsonl"))
-    write_text(out / "leaderboard.md", render(records))
+    write_text(out / "leaderboard.md", render(records, planned(out)))
     write_text(out / "cells.csv", csv_frame(records).to_csv(index=False))
     plots.write(latest, out / "plots")
     sheet.write(latest, out / "plots")
     return out / "leaderboard.md"
+
+
+def planned(out: Path) -> set[str] | None:
+    """The cell ids ``bench run`` planned for ``out`` (``OUT/plan.json``), or None when unknown or unreadable."""
+    try:
+        cells = json.loads((out / PLAN).read_text())["cells"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {c for c in cells if isinstance(c, str)} if isinstance(cells, list) else None

@@ -7,6 +7,7 @@ records are moved to ``OUT/cells.stale.jsonl``: nothing is deleted. Ctrl-C stops
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ from bench.grid import Cell, expand
 from bench.progress import bar as progress_bar
 from bench.registry import AUTO
 from bench.resilience import resolve_auto_levels
-from bench.results import ResultsStore
+from bench.results import ResultsStore, write_text
 from bench.settings import Settings
 from bench.suite import Suite
 from bench.threats import REGISTRY as THREATS
@@ -111,6 +112,7 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
         cells = resolve_auto_levels(cells, driver, suite.resilience)
     wanted = {c.key for c in cells}
     with ResultsStore(out) as store:
+        write_text(out / leaderboard.PLAN, json.dumps({"suite": suite.name, "cells": sorted(wanted)}, indent=0) + "\n")
         records = store.records()
         done: dict[str, dict[str, Any]] = {}
         for r in records:

@@ -122,3 +122,11 @@ def test_every_flag_is_documented(code: str) -> None:
 def test_flags_appear_in_the_leaderboard_with_evidence() -> None:
     text = leaderboard.render([cell("cq", "pgd", "whitebox", 0.3, list(range(8))), cell("cq", "pgd", "bpda", 0.3, [])])
     assert "masking[^mnist-1]" in text and "[^mnist-1]: cq `masking`: eps=0.3: pgd bpda eps=0.3 0.0%" in text
+
+
+def test_a_partial_run_says_how_many_cells_are_done(tmp_path: Any) -> None:
+    done = cell("d", "fgsm", "whitebox", 0.3, [0, 1])
+    (tmp_path / leaderboard.PLAN).write_text('{"suite": "t", "cells": ["%s", "not-yet"]}' % done["cell_id"])
+    text = leaderboard.render([done], leaderboard.planned(tmp_path))
+    assert "**Partial: 1 of 2 cells.**" in text
+    assert "Partial" not in leaderboard.render([done], {done["cell_id"]}) and leaderboard.planned(tmp_path / "x") is None
