@@ -243,7 +243,7 @@ def cmd_resilience(args: argparse.Namespace) -> int:
     torch.set_num_threads(available_cores())
     ctx = Context(Settings(data_dir=_data_dir(args.data_dir), cache_dir=_cache_dir(args.cache_dir),
                            device=_device(args.device)))
-    analysis = analyse(ctx, undefended_cell(dataset, train, seed), settings["eps"], settings["noise"],
+    analysis = analyse(ctx.models, undefended_cell(dataset, train, seed), settings["eps"], settings["noise"],
                        settings["tolerance"], images=args.n, max_levels=args.max_levels)
     print(render(analysis))
     return 0

@@ -180,6 +180,7 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
     delta = (adv - x[rep]).flatten(1)[success]
     record = {
         **record_base(cell),
+        "defense_resolved": models.defense(cell).id,
         "clean_acc": round(float(clean_ok.float().mean()), 6),
         "robust_acc": round(float(robust.float().mean()), 6),
         "success_rate": round(float(success.sum() / on_clean.sum()), 6) if on_clean.any() else None,

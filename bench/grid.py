@@ -17,6 +17,7 @@ from typing import Any
 
 from bench.attacks import REGISTRY as ATTACKS
 from bench.errors import SuiteError
+from bench.registry import AUTO
 from bench.suite import Suite
 from bench.threats import REGISTRY as THREATS
 from bench.train import TrainConfig
@@ -45,6 +46,7 @@ class Cell:
     threat_params: dict[str, Any] = field(default_factory=dict)
     purpose: str = "grid"
     keep_examples: bool = False
+    resilience: dict[str, Any] | None = None  # the [resilience] settings, for a defense with levels = "auto"
 
     def spec(self) -> dict[str, Any]:
         """Everything that determines the cell's result, as JSON-able data."""
@@ -52,6 +54,8 @@ class Cell:
         data["dataset"] = self.dataset.value
         data["defense_values"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.defense_values.items()}
         del data["suite"], data["purpose"], data["keep_examples"]
+        if self.resilience is None:  # absent unless levels = "auto", so other keys stay what they were
+            del data["resilience"]
         revision = ATTACKS.get(self.attack).revision
         if revision:  # absent at 0, so the keys of adapters never revised stay what they were
             data["attack_revision"] = revision
@@ -122,6 +126,7 @@ def expand(suite: Suite) -> list[Cell]:
         sheet = _sheet_attack(suite, dataset)
         for d in (d for d in suite.defenses if dataset in d.datasets):
             defense_values = DEFENSES.get(d.name).resolve(d.given, dataset)
+            auto = suite.resilience if defense_values.get("levels") == AUTO else None
             for a in (a for a in suite.attacks if dataset in a.datasets):
                 attack_cls = ATTACKS.get(a.name)
                 attack_values = attack_cls.resolve(a.given, dataset)
@@ -134,7 +139,7 @@ def expand(suite: Suite) -> list[Cell]:
                             examples = threat == "whitebox" and a is sheet and eps == _sheet_eps(a)
                             cell = Cell(suite.name, dataset, spec.n, spec.sample, suite.seed, spec.train, d.name,
                                         defense_values, a.name, attack_values, threat, eps, params,
-                                        keep_examples=examples)
+                                        keep_examples=examples, resilience=auto)
                             cells.setdefault(cell.key, cell)
                     if (suite.checks["convergence"] and attack_cls.check_convergence
                             and not THREATS.get(threat).transfer):
@@ -144,7 +149,7 @@ def expand(suite: Suite) -> list[Cell]:
                             for params in variants:
                                 check = Cell(suite.name, dataset, spec.n, spec.sample, suite.seed, spec.train, d.name,
                                              defense_values, a.name, doubled, threat, max(bounded), params,
-                                             purpose="convergence")
+                                             purpose="convergence", resilience=auto)
                                 cells.setdefault(check.key, check)
     return list(cells.values())
 

@@ -187,8 +187,12 @@ def render(records: Iterable[dict[str, Any]], planned: set[str] | None = None) -
                 notes.append(f"{flag.defense} `{flag.code}`: {flag.evidence}")
                 marks[flag.code] = marks.get(flag.code, flag.code) + f"[^{dataset}-{len(notes)}]"
             marked.at[i, "flags"] = ", ".join(marks.values())
+        resolved = {r["defense"]: r["defense_resolved"] for r in recs
+                    if r.get("defense_resolved") not in (None, r["defense"])}
+        marked["defense"] = [f"{d} = {resolved[d]}" if d in resolved else d for d in marked["defense"]]
         headline = head.copy()
         headline["flags"] = marked["flags"]
+        headline["defense"] = marked["defense"]
         lines += ["### Headline", "", headline.map(_fmt).to_markdown(index=False, disable_numparse=True), "",
                   "### All cells", "", marked.map(_fmt).to_markdown(index=False, disable_numparse=True), ""]
         lines += _components(last_records(recs))

@@ -21,6 +21,8 @@ from bench import data as data_mod
 from bench.errors import BenchError
 from bench.grid import Cell
 from bench.models import SubstituteCNN, predict
+from bench.registry import AUTO
+from bench.resilience import auto_levels
 from bench.settings import Settings
 from bench.substitute import oracle_labels, train_substitute
 from bench.train import TRAIN_CODE_VERSION, ModelCache, TrainConfig, cache_key, config_dict, default_cache_dir, fit
@@ -57,7 +59,14 @@ class Models:
 
     # --- defended models --------------------------------------------------------------------------------------
     def defense(self, cell: Cell) -> Defense:
-        return DEFENSES.get(cell.defense)(cell.dataset, cell.defense_values)
+        """The cell's defense; ``levels = "auto"`` becomes the error-resilience analysis's recommendation (which
+        trains the undefended model if the cache does not hold it)."""
+        values = cell.defense_values
+        if values.get("levels") == AUTO:
+            values = {**values, "levels": self._cached(
+                ("levels", cell.dataset, repr(cell.train), cell.seed, repr(cell.resilience)),
+                lambda: auto_levels(self, cell))}
+        return DEFENSES.get(cell.defense)(cell.dataset, values)
 
     def train_config(self, cell: Cell) -> TrainConfig:
         return cell.train.with_overrides(self.defense(cell).training_overrides())

@@ -7,27 +7,29 @@ smaller s, stays ≤ the tolerance. A level count n is acceptable when its quant
 1/(2(n−1))) stays ≤ MTN and its half-step 1/(2(n−1)) is ≥ eps, so an eps perturbation cannot push a pixel from a
 level's centre across a threshold; the fewest such levels (the widest margin over eps) is recommended. Written by
 hand: no library has this analysis. :func:`recommend` is the pure rule; ``bench resilience`` prints the analysis
-and ``levels = "auto"`` in a suite resolves to its recommendation.
+and ``levels = "auto"`` in a suite stands for its recommendation (resolved by the model provider when the
+defense is built, so the grid is keyed without training anything).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from tabulate import tabulate
 
 from bench import data as data_mod
 from bench.errors import BenchError
-from bench.evaluate import Context
 from bench.grid import Cell
 from bench.models import predict
-from bench.registry import AUTO
 from bench.suite import DATASET_PARAMS, check_table
 from bench.train import TrainConfig
 from bench.types import Dataset
 from defenses.cq import QuantizationLayer, constant_thresholds
+
+if TYPE_CHECKING:
+    from bench.provider import Models
 
 STRENGTHS = tuple(round(0.025 * i, 3) for i in range(21))
 IMAGES = 1000
@@ -116,11 +118,11 @@ def noisy(x: torch.Tensor, strength: float, base: torch.Tensor) -> torch.Tensor:
     return (x + strength * base).clamp(0.0, 1.0)
 
 
-def analyse(ctx: Context, cell: Cell, eps: float, noise: str, tolerance: float, images: int = IMAGES,
+def analyse(models: Models, cell: Cell, eps: float, noise: str, tolerance: float, images: int = IMAGES,
             max_levels: int = MAX_LEVELS) -> Analysis:
     """Accuracy of the cell's undefended model under noise on the first ``images`` test images, and the rule."""
-    model = ctx.models.model(replace(cell, defense="none", defense_values={}))
-    _, x, y = data_mod.subset(ctx.models.data(cell.dataset).test, images, "first", cell.seed)
+    model = models.model(replace(cell, defense="none", defense_values={}))
+    _, x, y = data_mod.subset(models.data(cell.dataset).test, images, "first", cell.seed)
     base = noise_draw(x.shape, noise, cell.seed)
     accuracies = tuple(round(float((predict(model, noisy(x, s, base)) == y).float().mean()), 4) for s in STRENGTHS)
     errors: dict[int, tuple[float, float]] = {}
@@ -158,21 +160,13 @@ def render(analysis: Analysis) -> str:
     ])
 
 
-def resolve_auto_levels(cells: list[Cell], ctx: Context, resilience: dict[str, Any]) -> list[Cell]:
-    """Cells with ``levels = "auto"`` get the recommendation of the analysis (suite table ``[resilience]``) for
-    their dataset, training and seed; a :class:`BenchError` when no n meets both constraints."""
-    chosen: dict[tuple[Any, ...], Recommendation] = {}
-    out: dict[str, Cell] = {}
-    for cell in cells:
-        if cell.defense_values.get("levels") == AUTO:
-            key = (cell.dataset, cell.train, cell.seed)
-            if key not in chosen:
-                chosen[key] = analyse(ctx, cell, resilience["eps"], resilience["noise"],
-                                      resilience["tolerance"]).recommendation
-            rec = chosen[key]
-            if rec.levels is None:
-                raise BenchError(f'{cell.defense} levels = "auto" on {cell.dataset.value}: {rec.reason}; set explicit '
-                                 "levels or change [resilience]")
-            cell = replace(cell, defense_values={**cell.defense_values, "levels": rec.levels})
-        out.setdefault(cell.key, cell)
-    return list(out.values())
+def auto_levels(models: Models, cell: Cell) -> int:
+    """The levels ``levels = "auto"`` stands for in ``cell``: the recommendation of the analysis with the cell's
+    ``resilience`` settings, on the undefended model of its dataset, training and seed; a :class:`BenchError` when
+    no n meets both constraints."""
+    settings = cell.resilience or {}
+    rec = analyse(models, cell, settings["eps"], settings["noise"], settings["tolerance"]).recommendation
+    if rec.levels is None:
+        raise BenchError(f'{cell.defense} levels = "auto" on {cell.dataset.value}: {rec.reason}; set explicit '
+                         "levels or change [resilience]")
+    return rec.levels

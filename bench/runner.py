@@ -27,8 +27,6 @@ from bench.evaluate import Context, error_record, record_base
 from bench.executors import Executor, LocalExecutor
 from bench.grid import Cell, expand
 from bench.progress import bar as progress_bar
-from bench.registry import AUTO
-from bench.resilience import resolve_auto_levels
 from bench.results import ResultsStore, write_text
 from bench.settings import Settings
 from bench.suite import Suite
@@ -108,8 +106,6 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
     stop = Event()
     driver = Context(settings, stop=stop)
     check_data(cells, driver)
-    if any(c.defense_values.get("levels") == AUTO for c in cells):
-        cells = resolve_auto_levels(cells, driver, suite.resilience)
     wanted = {c.key for c in cells}
     with ResultsStore(out) as store:
         write_text(out / leaderboard.PLAN, json.dumps({"suite": suite.name, "cells": sorted(wanted)}, indent=0) + "\n")

@@ -13,7 +13,7 @@ from bench.errors import BenchError
 from bench.evaluate import Context
 from bench.settings import Settings
 from bench.grid import expand
-from bench.resilience import STRENGTHS, analyse, half_step, noise_draw, noisy, recommend, resolve_auto_levels
+from bench.resilience import STRENGTHS, analyse, half_step, noise_draw, noisy, recommend
 from bench.suite import parse
 from conftest import DATA
 
@@ -86,19 +86,22 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Context:
 
 
 def test_auto_levels_resolve_to_the_recommendation(ctx: Context) -> None:
+    """The grid is keyed without training (the cell keeps "auto"); the model provider resolves it when the
+    defense is built, and the record names the resolved defense."""
     import tomllib
 
     suite = parse(tomllib.loads(suite_text('["auto", 2, 3, 4]', 0.05)), "auto.toml")
     cells = expand(suite)
-    analysis = analyse(ctx, cells[0], 0.05, "uniform", 0.01)
+    auto = [c for c in cells if c.defense_values["levels"] == "auto"]
+    assert auto and all(c.resilience == suite.resilience for c in auto)
+    assert len({c.key for c in cells}) == len(cells)
+    analysis = analyse(ctx.models, cells[0], 0.05, "uniform", 0.01)
     assert analysis.accuracies[0] > 0.5 and len(analysis.accuracies) == len(STRENGTHS)
     chosen = analysis.recommendation.levels
     assert chosen is not None
-    resolved = resolve_auto_levels(cells, ctx, suite.resilience)
-    levels = sorted((c.defense, c.defense_values["levels"]) for c in resolved)
-    expected = sorted({("cq", n) for n in (2, 3, 4, chosen)} | {("tq", chosen)})
-    assert levels == expected
-    assert len({c.key for c in resolved}) == len(resolved)
+    assert {ctx.models.defense(c).values["levels"] for c in auto} == {chosen}
+    explicit = next(c for c in cells if c.defense == "cq" and c.defense_values["levels"] == 2)
+    assert ctx.models.defense(explicit).values["levels"] == 2
 
 
 def test_auto_levels_without_solution_is_a_clear_error(ctx: Context) -> None:
@@ -106,7 +109,7 @@ def test_auto_levels_without_solution_is_a_clear_error(ctx: Context) -> None:
 
     suite = parse(tomllib.loads(suite_text('"auto"', 0.6)), "auto.toml")
     with pytest.raises(BenchError, match=r'levels = "auto" on mnist: no n in 2\.\.16 .*half-step ≥ eps = 0\.6'):
-        resolve_auto_levels(expand(suite), ctx, suite.resilience)
+        ctx.models.defense(expand(suite)[0])
 
 
 def test_cli_prints_table_and_recommendation(ctx: Context, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -153,3 +153,18 @@ def test_local_executor_reuses_one_context(tmp_path: Path, data_dir: Path, cache
     ctx = Context(settings(data_dir, cache_dir))
     run(suite, tmp_path / "out", ctx.settings, executor=LocalExecutor(ctx), progress=False)
     assert ctx.models.calls["model"] == 1 and ctx.models.calls["clean"] == 1 and ctx.models.calls["data"] == 1
+
+
+def test_a_resumed_run_trains_nothing_even_with_an_empty_cache(tmp_path: Path, data_dir: Path,
+                                                                 cache_dir: Path) -> None:
+    """Figures re-render from the records (the example sheet included): a finished results directory copied to a
+    machine without the model cache resumes every cell and trains no model."""
+    suite = load_suite(tiny_suite(tmp_path / "s.toml"))
+    run(suite, tmp_path / "out", settings(data_dir, cache_dir), progress=False)
+    assert (tmp_path / "out" / "plots" / "mnist-adversarial-examples.png").is_file()
+    (tmp_path / "out" / "plots" / "mnist-adversarial-examples.png").unlink()
+    ctx = Context(settings(data_dir, tmp_path / "empty-cache"))
+    summary = run(suite, tmp_path / "out", ctx.settings, executor=LocalExecutor(ctx), progress=False)
+    assert summary.computed == 0 and summary.resumed == 4
+    assert ctx.models.calls["trainings"] == 0 and ctx.models.calls["model"] == 0
+    assert (tmp_path / "out" / "plots" / "mnist-adversarial-examples.png").is_file()
