@@ -121,6 +121,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BenchError(f"{flag} applies to --executor ray only; add --executor ray or leave it out")
     settings = Settings(data_dir=_data_dir(args.data_dir), cache_dir=_cache_dir(args.cache_dir),
                         device=_device(args.device), strict_data=args.strict_data)
+    executor = None
+    if args.executor == "ray":
+        from bench.ray_executor import RayExecutor
+
+        executor = RayExecutor(**ray)
     torch.set_num_threads(available_cores())
     if args.dry_run:
         from bench.estimate import estimate
@@ -134,11 +139,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.no_progress:  # also the training and substitute bars, here and in Ray workers
         os.environ["BENCH_NO_PROGRESS"] = "1"
     _keep_freed_memory()
-    executor = None
-    if args.executor == "ray":
-        from bench.ray_executor import RayExecutor
-
-        executor = RayExecutor(**ray)
     summary = run(suite, out, settings, limit=args.limit, fresh=args.fresh, executor=executor,
                   progress=not args.no_progress)
     print(summary.describe())
@@ -150,7 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from bench.data import FILES, SUBDIR, resolve_dir
-    from bench.evaluate import Context, Settings
+    from bench.evaluate import Context
+    from bench.settings import Settings
     from bench.grid import expand
     from bench.runner import check_data
     from bench.suite import load_suite

@@ -111,6 +111,32 @@ def check_record(record: Any) -> str | None:
         if not _mask(record.get(key), n):
             return f"{key!r} must be a hex mask of {n} images ({2 * math.ceil(n / 8)} digits), found " \
                    f"{_found(record, key)}"
+    return _check_measured(record, n)
+
+
+def _check_measured(record: dict[str, Any], n: int) -> str | None:
+    """The optional fields the flags and the leaderboard read: the model probe, the loss trend, the ensemble
+    stages and the examples of the sheet."""
+    if "grad_zero" in record and not (_number(record["grad_zero"]) and 0 <= record["grad_zero"] <= 1):
+        return f"'grad_zero' must be a fraction in [0, 1], found {_found(record, 'grad_zero')}"
+    if "randomized" in record and not isinstance(record["randomized"], bool):
+        return f"'randomized' must be true or false, found {_found(record, 'randomized')}"
+    if "late_loss_gain" in record and not _number(record["late_loss_gain"]):
+        return f"'late_loss_gain' must be a number, found {_found(record, 'late_loss_gain')}"
+    if "defense_resolved" in record and not isinstance(record["defense_resolved"], str):
+        return f"'defense_resolved' must be a string, found {_found(record, 'defense_resolved')}"
+    stages = record.get("components", [])
+    if not isinstance(stages, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("attack"), str) and _number(s.get("robust_acc"))
+            and 0 <= s["robust_acc"] <= 1 and _mask(s.get("robust_mask"), n) for s in stages):
+        return "'components' must be a list of {attack, robust_acc, robust_mask} stages"
+    examples = record.get("examples", {})
+    if not isinstance(examples, dict) or examples and not all(
+            isinstance(examples.get(k), dict) and isinstance(examples[k].get("uint8"), str)
+            and isinstance(examples[k].get("shape"), list) and all(_integer(d) and d > 0 for d in examples[k]["shape"])
+            for k in ("clean", "adv", "seen")) or examples and not all(
+            isinstance(examples.get(k), list) for k in ("clean_pred", "clean_prob", "adv_pred", "adv_prob")):
+        return "'examples' must hold the clean, adversarial and preprocessed images and the predictions"
     return None
 
 

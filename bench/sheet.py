@@ -8,6 +8,8 @@ is drawn from those records alone, so it re-renders without models (``bench lead
 from __future__ import annotations
 
 import base64
+import binascii
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -57,11 +59,23 @@ def write(records: Iterable[dict[str, Any]], out: Path) -> list[Path]:
         rows, labels = [], []
         for r in chosen:
             ex = r["examples"]
-            rows.append((r["defense"], [_decode(ex["clean"]), _decode(ex["adv"]), _decode(ex["seen"])]))
+            try:
+                panels = [_decode(ex["clean"]), _decode(ex["adv"]), _decode(ex["seen"])]
+            except (ValueError, TypeError, binascii.Error):
+                warnings.warn(f"cell {r['cell_id']}: its stored examples are damaged; left out of the sheet",
+                              stacklevel=2)
+                continue
+            if len({p.shape for p in panels}) != 1 or len(ex["clean_pred"]) != len(panels[0]):
+                warnings.warn(f"cell {r['cell_id']}: its stored examples do not match; left out of the sheet",
+                              stacklevel=2)
+                continue
+            rows.append((r["defense"], panels))
             labels.append([text for c, cp, a, ap in zip(ex["clean_pred"], ex["clean_prob"], ex["adv_pred"],
                                                         ex["adv_prob"], strict=True)
                            for text in (f"clean: {c} ({100 * cp:.0f}%)", f"adv: {a} ({100 * ap:.0f}%)",
                                         "after defense")])
+        if not rows:
+            continue
         first = chosen[0]
         title = (f"{dataset}: clean / adversarial ({first['attack']}, white-box, ε = {first['eps']:g}) / after the "
                  f"defense's preprocessing — prediction of the defended model (probability)")

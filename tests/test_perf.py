@@ -64,9 +64,9 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, cache_d
     crafts: list[str] = []
     real = evaluate.craft
 
-    def counting(attack: Any, model: Any, *args: Any) -> Any:
+    def counting(attack: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
         crafts.append(type(model).__name__)
-        return real(attack, model, *args)
+        return real(attack, model, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(evaluate, "craft", counting)
