@@ -18,7 +18,7 @@ from typing import Any
 from bench.attacks import REGISTRY as ATTACKS
 from bench.errors import SuiteError
 from bench.suite import Suite
-from bench.train import TrainConfig
+from bench.train import TrainConfig, config_dict
 from bench.types import Dataset, Threat
 from defenses import REGISTRY as DEFENSES
 from defenses.base import Defense
@@ -48,6 +48,7 @@ class Cell:
         """Everything that determines the cell's result, as JSON-able data."""
         data = asdict(self)
         data["dataset"], data["threat"] = self.dataset.value, self.threat.value
+        data["train"] = config_dict(self.train)  # training settings added later stay out of the key at their defaults
         data["defense_values"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.defense_values.items()}
         del data["suite"], data["purpose"]
         revision = ATTACKS.get(self.attack).revision
