@@ -20,7 +20,7 @@ from bench.errors import SuiteError
 from bench.registry import AUTO
 from bench.suite import Suite
 from bench.threats import REGISTRY as THREATS
-from bench.train import TrainConfig
+from bench.train import TrainConfig, config_dict
 from bench.types import Dataset
 from defenses import REGISTRY as DEFENSES
 
@@ -52,6 +52,7 @@ class Cell:
         """Everything that determines the cell's result, as JSON-able data."""
         data = asdict(self)
         data["dataset"] = self.dataset.value
+        data["train"] = config_dict(self.train)  # training settings added later stay out of the key at their defaults
         data["defense_values"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.defense_values.items()}
         del data["suite"], data["purpose"], data["keep_examples"]
         if self.resilience is None:  # absent unless levels = "auto", so other keys stay what they were

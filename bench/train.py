@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -48,16 +48,25 @@ class TrainConfig:
     loss: str = "ce"
     augment: bool = False
     train_limit: int = 0
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
 
     def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
         return replace(self, **overrides)
 
 
-def loss_fn(name: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``ce``: cross-entropy; ``mse``: squared error between softmax and one-hot label (QuSecNets eq. 2)."""
+def loss_fn(name: str, logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """``ce``: cross-entropy; ``mse``: squared error between softmax and one-hot label (QuSecNets eq. 2).
+
+    ``label_smoothing`` ε replaces the one-hot target by ``(1 - ε)·one_hot + ε/classes`` in both (for ``ce`` this
+    is ``F.cross_entropy(..., label_smoothing=ε)``)."""
     if name == "mse":
-        return (logits.softmax(1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)).pow(2).sum(1).mean()
-    return F.cross_entropy(logits, y)
+        target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+        if label_smoothing:
+            target = target * (1 - label_smoothing) + label_smoothing / logits.shape[1]
+        return (logits.softmax(1) - target).pow(2).sum(1).mean()
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
 
 
 def flip_crop(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -75,7 +84,23 @@ def flip_crop(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torc
     return padded[batch, channels, rows, cols]
 
 
+# One-cycle shape of torch.optim.lr_scheduler.OneCycleLR's defaults (Smith & Topin 2017): from lr/25 up to lr over
+# the first 30 % of the steps, then down to lr/25e4, both halves cosine. Momentum is not cycled.
+ONECYCLE_RISE, ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 0.3, 25.0, 1e4
+
+
+def _cos_between(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+
+
 def _lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the configured lr at optimiser step ``step`` of ``total``."""
+    if schedule == "onecycle":
+        peak = ONECYCLE_RISE * total - 1
+        low = 1 / ONECYCLE_DIV
+        if step <= peak:
+            return _cos_between(low, 1.0, step / peak) if peak > 0 else 1.0
+        return _cos_between(1.0, low / ONECYCLE_FINAL_DIV, min(1.0, (step - peak) / (total - 1 - peak)))
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * step / total))
     if schedule == "step":
@@ -83,10 +108,21 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
     return 1.0
 
 
+def make_optimiser(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int, *,
         batch_hook: BatchHook | None = None, step_hook: StepHook | None = None, device: str = "cpu",
         desc: str = "train", should_stop: Callable[[], bool] | None = None) -> None:
-    """Train ``model`` in place with Adam on (x, y); the shuffling and every random draw follow ``seed``.
+    """Train ``model`` in place on (x, y) with ``cfg.optimizer`` (Adam, AdamW, or SGD with Nesterov momentum 0.9);
+    the shuffling and every random draw follow ``seed``.
 
     ``should_stop`` is polled between batches; when it returns True, :class:`~bench.errors.Interrupted` is raised.
     """
@@ -94,7 +130,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, se
         x, y = x[:cfg.train_limit], y[:cfg.train_limit]
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimiser = make_optimiser(cfg, model.parameters())
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _lr_factor(cfg.lr_schedule, s, total))
@@ -112,7 +148,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, se
                 if batch_hook is not None:
                     xb, yb = batch_hook(model, xb, yb, progress=bar.n / total)
                     model.train()
-                loss = loss_fn(cfg.loss, model(xb), yb)
+                loss = loss_fn(cfg.loss, model(xb), yb, cfg.label_smoothing)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -305,5 +341,15 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "=,.-_" else "_" for c in label)
 
 
+# Training settings added after model-cache keys were first written: left out of the key at their defaults, so the
+# key (and the cached weights) of every configuration that does not set them stays what it was.
+KEYED_WHEN_SET = ("optimizer", "weight_decay", "label_smoothing")
+
+
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)
+    """The training settings as they enter the model-cache and cell keys."""
+    data = asdict(cfg)
+    for name in KEYED_WHEN_SET:
+        if data[name] == TrainConfig.__dataclass_fields__[name].default:
+            del data[name]
+    return data
