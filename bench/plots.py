@@ -4,6 +4,7 @@ by ``bench run``."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def accuracy_vs_eps(records: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_title(f"{dataset}: {attack} — solid white-box, dashed BPDA, dash-dot black-box")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside: never on data
-        written.append(_save(fig, out / f"{dataset}-{_slug(attack)}-accuracy-vs-eps.png"))
+        written.append(_save(fig, out / file_name(dataset, attack, "accuracy-vs-eps")))
     return written
 
 
@@ -80,7 +81,7 @@ def defense_bars(records: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_title(f"{dataset}: {attack}" + ("" if eps is None else f" at ε = {eps:g}"))
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
-        written.append(_save(fig, out / f"{dataset}-{_slug(attack)}-{'' if eps is None else f'eps{eps:g}-'}bars.png"))
+        written.append(_save(fig, out / file_name(dataset, attack, *([] if eps is None else [f"eps{eps:g}"]), "bars")))
     return written
 
 
@@ -117,8 +118,15 @@ def _wrap(defense: str, width: int = 18) -> str:
     return "\n".join(lines)
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in text)
+def file_name(*parts: str, limit: int = 120) -> str:
+    """A safe ``.png`` name from untrusted parts (dataset and attack ids come from records): ASCII letters,
+    digits and ``-_.=,`` only, so never a path separator; long names cut with a hash of the whole so that they
+    stay distinct and fit the file system."""
+    name = "-".join("".join(c if c.isascii() and (c.isalnum() or c in "-_.=,") else "_" for c in str(part))
+                    for part in parts)
+    if len(name) > limit:
+        name = f"{name[:limit - 13]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return f"{name}.png"
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
