@@ -34,7 +34,10 @@ BatchHook = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, x, y, pr
 StepHook = Callable[[nn.Module], None]
 
 # Bumped when a change to the training code changes the weights it produces, so old cache entries are not reused.
-TRAIN_CODE_VERSION = 1
+# 2: the training progress handed to batch hooks came from the progress bar, which stays at 0 when bars are off
+# (--no-progress, BENCH_NO_PROGRESS): adversarial training (advtrain, dqa adv_train="pgd") never left its eps
+# warm-up and trained on clean images.
+TRAIN_CODE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, se
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _lr_factor(cfg.lr_schedule, s, total))
+    step = 0
     with progress_bar(total=total, desc=desc, unit="batch", leave=False) as bar:
         for epoch in range(cfg.epochs):
             order = torch.randperm(len(x), generator=generator)
@@ -146,7 +150,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, se
                     xb = flip_crop(xb, generator)
                 xb, yb = xb.to(device), yb.to(device)
                 if batch_hook is not None:
-                    xb, yb = batch_hook(model, xb, yb, progress=bar.n / total)
+                    xb, yb = batch_hook(model, xb, yb, progress=step / total)
                     model.train()
                 loss = loss_fn(cfg.loss, model(xb), yb, cfg.label_smoothing)
                 optimiser.zero_grad(set_to_none=True)
@@ -155,6 +159,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, se
                 scheduler.step()
                 if step_hook is not None:
                     step_hook(model)
+                step += 1
                 bar.update()
                 bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}", refresh=False)
     model.eval()

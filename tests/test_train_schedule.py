@@ -136,3 +136,23 @@ def test_fit_with_the_new_settings_learns(data_dir: Path) -> None:
     with torch.no_grad():
         accuracy = (models[0](mnist.test.x[:500]).argmax(1) == mnist.test.y[:500]).float().mean()
     assert accuracy > 0.8
+
+
+@pytest.mark.parametrize("bars", ["on", "off"])
+def test_batch_hooks_see_the_training_progress_with_or_without_bars(monkeypatch: pytest.MonkeyPatch,
+                                                                    bars: str) -> None:
+    """Adversarial training ramps eps up by this progress: it once came from the progress bar, which stays at 0
+    when bars are off, so advtrain trained on clean images under --no-progress."""
+    if bars == "off":
+        monkeypatch.setenv("BENCH_NO_PROGRESS", "1")
+    else:
+        monkeypatch.delenv("BENCH_NO_PROGRESS", raising=False)
+    seen: list[float] = []
+
+    def hook(model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(progress)
+        return x, y
+
+    x, y = torch.rand(40, 1, 28, 28), torch.randint(0, 10, (40,))
+    fit(CleverhansCNN((1, 28, 28)), x, y, TrainConfig(epochs=2, batch_size=10), seed=0, batch_hook=hook)
+    assert seen == [step / 8 for step in range(8)]
