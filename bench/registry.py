@@ -204,12 +204,12 @@ class Registry(Generic[T]):
     def _load(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
         package = importlib.import_module(self.package)
         with Registry.loading("built-in"):
             for info in pkgutil.iter_modules(package.__path__):
                 if not info.name.startswith("_") and info.name != "base":
                     importlib.import_module(f"{self.package}.{info.name}")
+        self._loaded = True  # before the entry points, which may look names up while they are imported
         for entry in entry_points(group=self.group) if self.group else ():
             dist = entry.dist.name if entry.dist else entry.value
             with Registry.loading(f"entry point: {dist}"):

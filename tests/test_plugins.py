@@ -195,6 +195,22 @@ def test_plugin_attack_from_a_file_is_listed_and_runs(tmp_path: Path, bench_env:
     assert any(r["attack"] == "sign_noise_plugin" and r["error"] is None for r in cells(tmp_path / "out"))
 
 
+def test_entry_point_defense_is_registered_and_listed_with_its_distribution(tmp_path: Path,
+                                                                           bench_env: dict[str, str]) -> None:
+    site = tmp_path / "site"
+    info = site / "my_plug-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[qusec_bench.defenses]\nhalf = half_plug:Half\n")
+    (site / "half_plug.py").write_text(
+        "from torch import nn\nfrom defenses.base import REGISTRY, Defense\n\n\n@REGISTRY.register\n"
+        "class Half(Defense):\n    \"\"\"Entry-point test defense.\"\"\"\n\n    name = \"half_plug\"\n")
+    env = {**bench_env, "PYTHONPATH": f"{site}:{bench_env.get('PYTHONPATH', '')}"}
+    listed = bench("list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "  half_plug: Entry-point test defense.  [entry point: my-plug]" in listed.stdout
+
+
 def test_user_model_runs_without_training_and_refuses_training_defenses(tmp_path: Path, data_dir: Path,
                                                                        cache_dir: Path) -> None:
     settings = Settings(data_dir=str(data_dir), cache_dir=str(cache_dir))
