@@ -67,7 +67,7 @@ def import_file(path: Path, origin: str | None = None) -> ModuleType:
         try:
             with Registry.loading(origin or f"plugin: {path}"):
                 spec.loader.exec_module(module)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the user's code: one line naming the file
             del sys.modules[name]
             raise BenchError(f"{path}: importing it raised {type(exc).__name__}: {exc}") from None
         _FILES[key] = module
@@ -82,7 +82,7 @@ def _import_name(module: str, origin: str | None = None) -> ModuleType:
         if exc.name and module.startswith(exc.name):
             raise BenchError(f"module {module!r} is neither next to the suite file nor on sys.path") from None
         raise BenchError(f"module {module!r}: importing it raised ModuleNotFoundError: {exc}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's code: one line naming the module
         raise BenchError(f"module {module!r}: importing it raised {type(exc).__name__}: {exc}") from None
 
 

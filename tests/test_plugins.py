@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from conftest import bench
 
 from bench.api import evaluate
 from bench.errors import SuiteError
@@ -21,9 +22,8 @@ from bench.models import CleverhansCNN, DefendedModel
 from bench.probe import probe
 from bench.settings import Settings
 from bench.suite import load_suite
-from conftest import bench
-from defenses.cq import ConstantQuantization
 from bench.types import Dataset
+from defenses.cq import ConstantQuantization
 
 TIMING = {"seconds", "attack_seconds"}
 
