@@ -13,9 +13,10 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
-from conftest import bench
+from conftest import ROOT, bench
 
 from bench.api import evaluate
+from bench.attacks import REGISTRY as ATTACKS
 from bench.errors import SuiteError
 from bench.grid import expand
 from bench.models import CleverhansCNN, DefendedModel
@@ -130,6 +131,12 @@ def test_editing_the_defense_file_changes_cache_and_cell_keys(tmp_path: Path) ->
     after = expand(load_suite(suite))
     assert before.isdisjoint({c.key for c in after})
     assert len(after[0].defense_values["sha256"]) == 64
+
+
+def test_eot_is_an_option_of_every_gradient_attack_and_stays_out_of_keys_at_1() -> None:
+    assert all(("eot" in [p.name for p in cls.params]) == cls.gradient for cls in ATTACKS)
+    stored = {json.loads(line)["cell_id"] for line in (ROOT / "results" / "regression" / "cells.jsonl").open()}
+    assert {c.key for c in expand(load_suite(ROOT / "suites" / "regression.toml"))} == stored
 
 
 def test_missing_module_or_callable_is_one_line_exit_2(tmp_path: Path, bench_env: dict[str, str]) -> None:
