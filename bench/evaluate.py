@@ -126,7 +126,7 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
     attack = ATTACKS.get(cell.attack)(cell.attack_values)
     source = threat.source(cell, ctx)
     facts = ctx.probe(cell)
-    eot = max(cell.attack_values.get("eot", 1), source.eot) if attack.gradient else 1
+    eot = max(attack.harness_eot(cell.attack_values), source.eot) if attack.gradient else 1
     attacked = EOT(source.model, eot) if eot > 1 else source.model
     start = time.perf_counter()
     seed = _seed(source.shared, cell.attack_id, cell.eps, cell.seed) if source.shared else cell.cell_seed

@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import Any
 
 from bench.attacks import REGISTRY as ATTACKS
+from bench.attacks.base import EOT
 from bench.errors import SuiteError
 from bench.registry import AUTO
 from bench.suite import Suite
@@ -57,8 +58,8 @@ class Cell:
         defense = DEFENSES.get(self.defense)
         data["defense_values"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.defense_values.items()
                                   if all(p.in_key for p in defense.params if p.name == k)}
-        if self.attack_values.get("eot") == 1:  # absent at its default, so keys from before eot stay what they were
-            del data["attack_values"]["eot"]
+        if EOT in ATTACKS.get(self.attack).params and self.attack_values.get("eot") == 1:
+            del data["attack_values"]["eot"]  # absent at its default, so keys from before it stay what they were
         del data["suite"], data["purpose"], data["keep_examples"]
         if self.resilience is None:  # absent unless levels = "auto", so other keys stay what they were
             del data["resilience"]

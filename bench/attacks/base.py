@@ -64,8 +64,8 @@ class Attack(Component):
     directory never resumes a cell computed before the fix. ``pooled`` attacks run the harness's step loop: they
     get every attempt at once (on the CPU) and batch them themselves by ``runtime.batch``. ``stats`` is what an
     attack reports about its last run (e.g. ``late_loss_gain`` for the ``unstable-loss`` flag). Every gradient
-    attack also takes ``eot`` (added to its ``params``; the harness applies it to the model, see
-    :class:`bench.bpda.EOT`).
+    attack also takes ``eot``: its own where it declares one (APGD averages gradients per step), else the
+    harness's (:data:`EOT`, added to its ``params`` and applied to the model, see :class:`bench.bpda.EOT`).
     """
 
     norm: ClassVar[str] = "linf"
@@ -86,6 +86,11 @@ class Attack(Component):
         self.values = values
         self.runtime = Runtime()
         self.stats: dict[str, Any] = {}
+
+    @classmethod
+    def harness_eot(cls, values: dict[str, Any]) -> int:
+        """Forward passes the harness averages for this attack (1 when the attack does EOT itself or has none)."""
+        return int(values.get(EOT.name, 1)) if any(p is EOT for p in cls.params) else 1
 
     @classmethod
     def bound_norm(cls) -> str:
