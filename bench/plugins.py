@@ -91,10 +91,8 @@ def locate(ref: str, base: Path | None) -> tuple[str, str]:
     module's source file). Imports the module and checks that the callable exists."""
     module, _ = split_ref(ref)
     path = local_file(module, base)
-    obj = resolve(ref, str(path) if path else "")
-    source = path or getattr(sys.modules.get(getattr(obj, "__module__", "") or ""), "__file__", None)
-    if source is None:
-        source = getattr(_import_name(module), "__file__", None)
+    resolve(ref, str(path) if path else "")
+    source = path or getattr(sys.modules[module], "__file__", None)
     if source is None:
         raise BenchError(f"{ref}: module {module!r} has no source file to hash")
     return (str(path) if path else "", sha256_file(source))

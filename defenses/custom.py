@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bench.errors import BenchError, SuiteError
-from bench.plugins import locate, resolve
+from bench.plugins import locate, resolve, sha256_file
 from bench.registry import Param, fmt_value
 from bench.types import Dataset
 from defenses.base import REGISTRY, Defense
@@ -103,6 +103,9 @@ class Custom(Defense):
         return f"custom-{self.values['preprocess']}-{self.values['sha256'][:8]}"
 
     def preprocess(self) -> nn.Module:
+        file = self.values["file"]
+        if file and sha256_file(file) != self.values["sha256"]:
+            raise BenchError(f"defense {self.id}: {file} changed since the suite was read; run again")
         module = resolve(self.values["preprocess"], self.values["file"])(**self.values["params"])
         if not isinstance(module, nn.Module):
             raise BenchError(f"defense {self.id}: {self.values['preprocess']} returned {type(module).__name__}, "
