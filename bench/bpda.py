@@ -60,3 +60,17 @@ def _wrap(parent: nn.Module, backward: str, z: float) -> None:
             setattr(parent, name, BPDA(child, child.bpda_approx(backward, z)))
         else:
             _wrap(child, backward, z)
+
+
+class EOT(nn.Module):
+    """Expectation over Transformation (Athalye, Engstrom, Ilyas & Kwok, ICML 2018): the mean logits of
+    ``samples`` forward passes of a randomized ``model``, so its input gradient is the mean of theirs."""
+
+    def __init__(self, model: nn.Module, samples: int) -> None:
+        super().__init__()
+        self.model = model
+        self.samples = samples
+        self.train(model.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.model(x) for _ in range(self.samples)]).mean(0)

@@ -177,10 +177,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
+    from bench import plugins
     from bench.attacks import REGISTRY as ATTACKS
     from bench.registry import fmt_value
+    from bench.suite import load_suite
     from defenses import REGISTRY as DEFENSES
 
+    for suite in args.suite or []:
+        load_suite(suite)
+    plugins.activate(plugins.plugin_location(p, Path.cwd()) for p in args.plugin or [])
     for title, registry in (("Defenses", DEFENSES), ("Attacks", ATTACKS)):
         print(f"{title}\n")
         for cls in registry:
@@ -190,6 +195,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                           "gradient" if cls.gradient else "gradient-free"]
             elif cls.bpda_variants:
                 traits = ["bpda backward: " + "/".join(cls.bpda_variants)]
+            origin = registry.origin(cls.name)
+            if origin != "built-in":
+                traits.append(origin)
             print(f"  {cls.name}: {cls.summary()}" + (f"  [{', '.join(traits)}]" if traits else ""))
             rows = [[p.name, fmt_value(p.default) if not hasattr(p.default, "mnist") else str(p.default),
                      p.describe(), p.doc] for p in cls.params]
@@ -202,7 +210,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     print("Threat models (attack entries' `threat`; settings in the suite table of the same name)\n")
     for cls in THREATS:
-        print(f"  {cls.name} ({cls.short}): {cls.summary()}")
+        origin = THREATS.origin(cls.name)
+        print(f"  {cls.name} ({cls.short}): {cls.summary()}" + (f"  [{origin}]" if origin != "built-in" else ""))
         for p in cls.params:
             print(f"    {p.name} = {fmt_value(p.default)}: {p.describe()}; {p.doc}")
     return 0
@@ -359,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
 
     lst = sub.add_parser("list", help="list defenses and attacks with their parameters and defaults")
+    lst.add_argument("--suite", action="append", metavar="SUITE",
+                     help="also list the plug-ins this suite loads (repeatable)")
+    lst.add_argument("--plugin", action="append", metavar="PLUGIN",
+                     help="also list the classes of this plug-in: a .py file or a dotted module (repeatable)")
     lst.set_defaults(func=cmd_list)
 
     board = sub.add_parser("leaderboard", help="re-render DIR/leaderboard.md and DIR/cells.csv from DIR/cells.jsonl")

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from bench import provenance, sheet
+from bench import plugins, provenance, sheet
 from bench.attacks import REGISTRY as ATTACKS
 from bench.attacks.base import Runtime
+from bench.bpda import EOT
 from bench.craft import CountingModel, Crafted, attack_batch, choose_targets, craft, logits_of, project
 from bench.errors import Interrupted
 from bench.grid import SCORING_REVISION, Cell
@@ -45,6 +46,7 @@ class Context:
     _memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        plugins.activate(self.settings.plugins)
         self.models = Models(self.settings, self.stop)
 
     def check_stop(self) -> None:
@@ -124,9 +126,11 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
     attack = ATTACKS.get(cell.attack)(cell.attack_values)
     source = threat.source(cell, ctx)
     facts = ctx.probe(cell)
+    eot = max(attack.harness_eot(cell.attack_values), source.eot) if attack.gradient else 1
+    attacked = EOT(source.model, eot) if eot > 1 else source.model
     start = time.perf_counter()
     seed = _seed(source.shared, cell.attack_id, cell.eps, cell.seed) if source.shared else cell.cell_seed
-    counted_targets = CountingModel(source.model)
+    counted_targets = CountingModel(attacked)
     rep, targets = choose_targets(attack.target_mode, y, lambda xb: logits_of(counted_targets, xb), x,
                                   torch.Generator().manual_seed(seed))
     forwards = counted_targets.forwards
@@ -151,10 +155,10 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
         if source.shared:
             crafted: Crafted = ctx.shared(
                 ("craft", source.shared, cell.attack, repr(cell.attack_values), label, cell.eps, cell.n, cell.sample),
-                lambda: craft(part, source.model, x[rep], y[rep], targets, cell.eps, part_seed, runtime))
+                lambda: craft(part, attacked, x[rep], y[rep], targets, cell.eps, part_seed, runtime))
             x_part = crafted.x_adv[todo]
         else:
-            crafted = craft(part, source.model, x[rep[todo]], y[rep[todo]],
+            crafted = craft(part, attacked, x[rep[todo]], y[rep[todo]],
                             None if targets is None else targets[todo], cell.eps, part_seed, runtime, ids=todo)
             x_part = crafted.x_adv
         x_part = project(x_part, x[rep[todo]], cell.eps, norm)
@@ -193,6 +197,7 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
         **({"components": components} if components else {}),
         **stats, **source.extra,
         "grad_zero": facts["grad_zero"], "randomized": facts["randomized"], "early_stop": runtime.early_stop,
+        **({"eot": eot} if eot > 1 else {}),
         "shared_crafting": bool(source.shared),
         "model_test_acc": models.model_facts(cell).get("test_acc"),
         "data_official": data.official, "data_provenance": data.provenance, "device": settings.device,

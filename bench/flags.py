@@ -107,12 +107,16 @@ def _probes(cells: list[dict[str, Any]]) -> Iterable[tuple[str, str]]:
     al. 2022's indicators of attack failure)."""
     dead = max((r for r in cells if r.get("grad_zero") is not None), key=lambda r: r["grad_zero"], default=None)
     if dead and dead["grad_zero"] > NO_GRAD_LEVEL:
+        straight = any(r.get("bpda_backward") == "identity" for r in cells)
         yield "no-grad", (f"the input gradient through the defended model is zero or non-finite for "
                           f"{_pct(dead['grad_zero'])} of the evaluated images: white-box gradient attacks cannot "
-                          f"work; trust bpda and gradient-free attacks")
+                          f"work; trust bpda and gradient-free attacks"
+                          + ("; bpda used the straight-through (identity) backward automatically" if straight else ""))
     if any(r.get("randomized") for r in cells):
+        eot = sorted({f"{r['attack']} {r['threat_label']}: EOT over {r['eot']}" for r in cells if r.get("eot")})
         yield "random", ("two forward passes on the same input differ: a randomized defense; gradient attacks need "
-                         "Expectation over Transformation, and early stops were off")
+                         "Expectation over Transformation, and early stops were off"
+                         + (f"; applied: {', '.join(eot)}" if eot else ""))
     unstable = [r for r in cells if r.get("late_loss_gain") is not None and r["late_loss_gain"] > UNSTABLE_LEVEL
                 and r["threat"] != "blackbox"]
     worst = max(unstable, key=lambda r: r["late_loss_gain"], default=None)

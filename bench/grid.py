@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import Any
 
 from bench.attacks import REGISTRY as ATTACKS
+from bench.attacks.base import EOT
 from bench.errors import SuiteError
 from bench.registry import AUTO
 from bench.suite import Suite
@@ -47,16 +48,25 @@ class Cell:
     purpose: str = "grid"
     keep_examples: bool = False
     resilience: dict[str, Any] | None = None  # the [resilience] settings, for a defense with levels = "auto"
+    model: dict[str, str] | None = None  # a user's trained classifier: {"ref", "file", "sha256"} (None: the CNN)
 
     def spec(self) -> dict[str, Any]:
         """Everything that determines the cell's result, as JSON-able data."""
         data = asdict(self)
         data["dataset"] = self.dataset.value
         data["train"] = config_dict(self.train)  # training settings added later stay out of the key at their defaults
-        data["defense_values"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.defense_values.items()}
+        defense = DEFENSES.get(self.defense)
+        data["defense_values"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.defense_values.items()
+                                  if all(p.in_key for p in defense.params if p.name == k)}
+        if EOT in ATTACKS.get(self.attack).params and self.attack_values.get("eot") == 1:
+            del data["attack_values"]["eot"]  # absent at its default, so keys from before it stay what they were
         del data["suite"], data["purpose"], data["keep_examples"]
         if self.resilience is None:  # absent unless levels = "auto", so other keys stay what they were
             del data["resilience"]
+        if self.model is None:
+            del data["model"]
+        else:
+            data["model"] = {k: v for k, v in self.model.items() if k != "file"}
         revision = ATTACKS.get(self.attack).revision
         if revision:  # absent at 0, so the keys of adapters never revised stay what they were
             data["attack_revision"] = revision
@@ -140,7 +150,7 @@ def expand(suite: Suite) -> list[Cell]:
                             examples = threat == "whitebox" and a is sheet and eps == _sheet_eps(a)
                             cell = Cell(suite.name, dataset, spec.n, spec.sample, suite.seed, spec.train, d.name,
                                         defense_values, a.name, attack_values, threat, eps, params,
-                                        keep_examples=examples, resilience=auto)
+                                        keep_examples=examples, resilience=auto, model=spec.model)
                             cells.setdefault(cell.key, cell)
                     if (suite.checks["convergence"] and attack_cls.check_convergence
                             and not THREATS.get(threat).transfer):
@@ -150,7 +160,7 @@ def expand(suite: Suite) -> list[Cell]:
                             for params in variants:
                                 check = Cell(suite.name, dataset, spec.n, spec.sample, suite.seed, spec.train, d.name,
                                              defense_values, a.name, doubled, threat, max(bounded), params,
-                                             purpose="convergence", resilience=auto)
+                                             purpose="convergence", resilience=auto, model=spec.model)
                                 cells.setdefault(check.key, check)
     return list(cells.values())
 

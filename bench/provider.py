@@ -20,7 +20,8 @@ from torch import nn
 from bench import data as data_mod
 from bench.errors import BenchError
 from bench.grid import Cell
-from bench.models import SubstituteCNN, predict
+from bench.models import DefendedModel, SubstituteCNN, predict
+from bench.plugins import load_model, state_sha256
 from bench.registry import AUTO
 from bench.resilience import auto_levels
 from bench.settings import Settings
@@ -72,7 +73,11 @@ class Models:
         return cell.train.with_overrides(self.defense(cell).training_overrides())
 
     def model_fields(self, cell: Cell) -> dict[str, Any]:
-        """The model-cache key of the cell's defended classifier."""
+        """The model-cache key of the cell's defended classifier (a user's classifier is never trained or stored:
+        its fields name its weights and the defense in front of it)."""
+        if cell.model is not None:
+            return {"kind": "user-classifier", "dataset": cell.dataset.value, "model": cell.model["ref"],
+                    "sha256": cell.model["sha256"], "weights": self.defense(cell).weights_key()}
         return {"kind": "classifier", "dataset": cell.dataset.value, "md5": self.data(cell.dataset).md5,
                 "arch": "cleverhans-cnn", "weights": self.defense(cell).weights_key(),
                 "train": config_dict(self.train_config(cell)), "seed": cell.seed, "code": TRAIN_CODE_VERSION}
@@ -97,12 +102,26 @@ class Models:
         return self._cached(("model", cell.dataset, cell.defense, repr(cell.defense_values), repr(cell.train),
                              cell.seed), lambda: self._load_or_train(cell))
 
+    def _user_classifier(self, cell: Cell) -> tuple[nn.Module, dict[str, Any]]:
+        """The user's trained classifier behind the cell's preprocessing (never trained here)."""
+        spec = cell.model or {}
+        classifier = load_model(spec["ref"], spec["file"], cell.dataset.shape)
+        if state_sha256(classifier) != spec["sha256"]:
+            raise BenchError(f"{spec['ref']}: the model's weights changed since the suite was read; run again")
+        model = DefendedModel(self.defense(cell).preprocess(), classifier).to(self.settings.device)
+        model = model.eval().requires_grad_(False)
+        test = self.data(cell.dataset).test
+        correct = (predict(model, test.x) == test.y).float()
+        return model, {"test_acc": round(float(correct.mean()), 4), "user_model": True, "cached": False}
+
     def _load_or_train(self, cell: Cell) -> tuple[nn.Module, dict[str, Any]]:
+        if cell.model is not None:
+            return self._user_classifier(cell)
         defense = self.defense(cell)
         if defense.shares_weights_with_none:
             undefended, facts = self._trained(replace(cell, defense="none", defense_values={}))
             model = defense.build()
-            model.load_state_dict(undefended.state_dict())
+            model.classifier.load_state_dict(undefended.classifier.state_dict())
             return model.to(self.settings.device).eval().requires_grad_(False), facts
         data = self.data(cell.dataset)
         cfg = self.train_config(cell)

@@ -11,8 +11,11 @@ import difflib
 import importlib
 import math
 import pkgutil
+import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, ClassVar, Generic, TypeVar
 
 from bench.errors import SuiteError
@@ -39,11 +42,13 @@ class PerDataset:
 class Param:
     """One parameter of a defense or attack, as a suite may set it.
 
-    ``kind`` is ``int``, ``float``, ``str``, ``bool`` or ``tuple`` (a pair of ints, e.g. a 2×2 window).
+    ``kind`` is ``int``, ``float``, ``str``, ``bool``, ``tuple`` (a pair of ints, e.g. a 2×2 window) or ``dict`` (a
+    table of numbers, strings and booleans, e.g. the ``params`` of a ``custom`` defense).
     ``low``/``high`` are inclusive bounds; ``positive`` excludes zero. ``short`` is the name used in readable ids;
     ``in_id`` shows the parameter in the id even at its default (``cq(n=2,z=50)``); ``auto`` also accepts the
     string ``"auto"``; ``inference_only`` marks a defense parameter that changes evaluation but not training,
-    so models that differ only in it share their trained weights.
+    so models that differ only in it share their trained weights; ``in_key = False`` keeps a value that does not
+    change the result (where a plug-in file lies) out of cell keys.
     """
 
     name: str
@@ -58,6 +63,7 @@ class Param:
     in_id: bool = False
     auto: bool = False
     inference_only: bool = False
+    in_key: bool = True
 
     def default_for(self, dataset: Dataset) -> Any:
         return self.default[dataset] if isinstance(self.default, PerDataset) else self.default
@@ -71,6 +77,10 @@ class Param:
             if not isinstance(value, bool):
                 raise SuiteError(source, path, f"expected {expected}, got {_show(value)}")
             return value
+        if self.kind is dict:
+            if not (isinstance(value, dict) and all(isinstance(k, str) and _is_scalar(v) for k, v in value.items())):
+                raise SuiteError(source, path, f"expected {expected}, got {_show(value)}")
+            return dict(sorted(value.items()))
         if self.kind is tuple:
             if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value)):
                 raise SuiteError(source, path, f"expected {expected}, got {_show(value)}")
@@ -105,7 +115,8 @@ class Param:
             text = "one of " + ", ".join(f'"{c}"' for c in self.choices)
         else:
             text = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                    tuple: "a pair of integers [h, w]"}[self.kind]
+                    tuple: "a pair of integers [h, w]",
+                    dict: "a table of numbers, strings and booleans"}[self.kind]
             if self.low is not None and self.high is not None:
                 text += f" in [{_fmt(self.low)}, {_fmt(self.high)}]"
             elif self.positive and self.high is not None:
@@ -154,29 +165,62 @@ T = TypeVar("T", bound=Component)
 
 
 class Registry(Generic[T]):
-    """Name → class, filled by the ``register`` decorator of the modules of ``package`` (imported on first use)."""
+    """Name → class, filled by the ``register`` decorator of the modules of ``package`` and of the installed
+    distributions' entry points in ``group`` (both imported on first use), and of plug-in modules a suite names
+    (:mod:`bench.plugins`). ``origin(name)`` says where a class came from."""
 
-    def __init__(self, kind: str, base: type[T], package: str) -> None:
-        self.kind, self.base, self.package = kind, base, package
+    _loading: ClassVar[str | None] = None  # the origin of the plug-in module being imported, if any
+
+    def __init__(self, kind: str, base: type[T], package: str, group: str | None = None) -> None:
+        self.kind, self.base, self.package, self.group = kind, base, package, group
         self._items: dict[str, type[T]] = {}
+        self._origins: dict[str, str] = {}
         self._loaded = False
 
     def register(self, cls: type[T]) -> type[T]:
         if not (isinstance(cls, type) and issubclass(cls, self.base)):
             raise TypeError(f"{cls!r} is not a subclass of {self.base.__name__}")
         if cls.name in self._items and self._items[cls.name] is not cls:
-            raise ValueError(f"{self.kind} {cls.name!r} is registered twice")
+            raise ValueError(f"{self.kind} {cls.name!r} is registered twice ({self.origin(cls.name)} and "
+                             f"{Registry._loading or 'built-in'})")
         self._items[cls.name] = cls
+        self._origins.setdefault(cls.name, Registry._loading or "built-in")
         return cls
+
+    def origin(self, name: str) -> str:
+        """``built-in``, ``plugin: PATH`` or ``entry point: DIST``."""
+        return self._origins.get(name, "built-in")
+
+    @staticmethod
+    @contextmanager
+    def loading(origin: str) -> Iterator[None]:
+        """Classes registered inside this block come from ``origin``."""
+        previous, Registry._loading = Registry._loading, origin
+        try:
+            yield
+        finally:
+            Registry._loading = previous
 
     def _load(self) -> None:
         if self._loaded:
             return
         package = importlib.import_module(self.package)
-        for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_") and info.name != "base":
-                importlib.import_module(f"{self.package}.{info.name}")
-        self._loaded = True
+        with Registry.loading("built-in"):
+            for info in pkgutil.iter_modules(package.__path__):
+                if not info.name.startswith("_") and info.name != "base":
+                    importlib.import_module(f"{self.package}.{info.name}")
+        self._loaded = True  # before the entry points, which may look names up while they are imported
+        for entry in entry_points(group=self.group) if self.group else ():
+            dist = entry.dist.name if entry.dist else entry.value
+            with Registry.loading(f"entry point: {dist}"):
+                try:
+                    loaded = entry.load()
+                except Exception as exc:  # noqa: BLE001 - a broken installed plug-in must not break the harness
+                    warnings.warn(f"entry point {entry.name} = {entry.value} ({dist}) of {self.group} cannot be "
+                                  f"loaded: {type(exc).__name__}: {exc}", stacklevel=2)
+                    continue
+                if isinstance(loaded, type) and issubclass(loaded, self.base) and loaded.name not in self._items:
+                    self.register(loaded)
 
     def names(self) -> list[str]:
         self._load()
@@ -199,6 +243,10 @@ class Registry(Generic[T]):
         return self._items[name]
 
 
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, str)) or isinstance(value, float) and math.isfinite(value)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -210,6 +258,8 @@ def _fmt(value: Any) -> str:
         return f"{value:g}"
     if isinstance(value, tuple):
         return "x".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={_fmt(v)}" for k, v in value.items())
     return str(value)
 
 

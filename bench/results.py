@@ -121,6 +121,11 @@ def _check_measured(record: dict[str, Any], n: int) -> str | None:
         return f"'grad_zero' must be a fraction in [0, 1], found {_found(record, 'grad_zero')}"
     if "randomized" in record and not isinstance(record["randomized"], bool):
         return f"'randomized' must be true or false, found {_found(record, 'randomized')}"
+    if "eot" in record and not (isinstance(record["eot"], int) and not isinstance(record["eot"], bool)
+                                and record["eot"] >= 1):
+        return f"'eot' must be an integer ≥ 1, found {_found(record, 'eot')}"
+    if "bpda_backward" in record and record["bpda_backward"] not in ("identity", "exact"):
+        return f"'bpda_backward' must be \"identity\" or \"exact\", found {_found(record, 'bpda_backward')}"
     if "late_loss_gain" in record and not _number(record["late_loss_gain"]):
         return f"'late_loss_gain' must be a number, found {_found(record, 'late_loss_gain')}"
     if "defense_resolved" in record and not isinstance(record["defense_resolved"], str):

@@ -31,7 +31,10 @@ from bench.results import ResultsStore, write_text
 from bench.settings import Settings
 from bench.suite import Suite
 from bench.threats import REGISTRY as THREATS
+from defenses import REGISTRY as DEFENSES
 from defenses.base import Defense
+
+PROBE_IMAGES = 8  # evaluated images a custom preprocessing module is checked on before any cell runs
 
 
 @dataclass
@@ -71,7 +74,8 @@ def plan(suite: Suite, limit: int | None = None) -> list[Cell]:
 def check_data(cells: list[Cell], ctx: Context) -> None:
     """Load every dataset the cells use and pick their images, so that missing, unreadable or malformed data, an
     n larger than the test set or too few images for the black-box holdout stop the run (exit 2) before any
-    cell runs, instead of failing every cell (after training)."""
+    cell runs, instead of failing every cell (after training); and probe every preprocessing module the harness
+    did not write on a few evaluated images (output shape and range)."""
     for cell in {(c.dataset, c.n, c.sample, c.seed, c.threat, repr(c.threat_params)): c for c in cells}.values():
         test = ctx.models.data(cell.dataset).test
         if cell.n > len(test):
@@ -79,6 +83,9 @@ def check_data(cells: list[Cell], ctx: Context) -> None:
                              f"only {len(test)} images")
         ctx.models.eval_set(cell)
         THREATS.get(cell.threat)().check(cell, ctx)
+    for cell in {(c.dataset, c.defense, repr(c.defense_values)): c for c in cells
+                 if DEFENSES.get(c.defense).untrusted}.values():
+        ctx.models.defense(cell).check_output(ctx.models.eval_set(cell)[1][:PROBE_IMAGES])
 
 
 @contextmanager
@@ -102,6 +109,7 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
         executor: Executor | None = None, progress: bool = True) -> RunSummary:
     """Run every pending cell of ``suite`` into ``out`` and render the leaderboard; see module docstring."""
     start = time.perf_counter()
+    settings = replace(settings, plugins=suite.plugins)
     cells = plan(suite, limit)
     stop = Event()
     driver = Context(settings, stop=stop)

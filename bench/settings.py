@@ -18,6 +18,7 @@ class Settings:
     strict_data: bool = False
     batch: int | None = None  # images per attack call; None: bench.craft.attack_batch's choice
     save_steps: bool = True
+    plugins: tuple[str, ...] = ()  # plug-in modules a worker imports before its cells (see bench.plugins)
 
 
 def available_cores() -> int:

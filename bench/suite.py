@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.errors import SuiteError
+from bench import plugins
+from bench.errors import BenchError, SuiteError
 from bench.registry import Component, Param, PerDataset, _did_you_mean, _show
 from bench.train import TrainConfig
 from bench.types import Dataset
@@ -30,8 +31,8 @@ MAX_SUITE_BYTES = 1 << 20
 MAX_NESTING = 16  # the deepest a valid suite goes is 4 (a list of lists in an attack entry of [[attacks]])
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
-TOP_KEYS = ("name", "description", "seed", "include", "max_cells", "datasets", "defenses", "attacks", "checks",
-            "resilience")  # and one table per threat model that has settings ([blackbox], [bpda])
+TOP_KEYS = ("name", "description", "seed", "include", "max_cells", "plugins", "datasets", "defenses", "attacks",
+            "checks", "resilience")  # and one table per threat model that has settings ([blackbox], [bpda])
 
 DATASET_PARAMS = (
     Param("n", int, 1000, "test images evaluated (CIFAR-10: the first 1,000 are the exact ones)", low=1),
@@ -50,6 +51,8 @@ DATASET_PARAMS = (
           choices=("ce", "mse")),
     Param("augment", bool, PerDataset(False, True), "random flip + 4-pixel crop during training"),
     Param("train_limit", int, 0, "train on the first N training images only (0 = all)", low=0),
+    Param("model", str, "", "module:callable returning your trained classifier (logits on [0, 1] inputs); the "
+          "harness then trains nothing for this dataset"),
 )
 
 CHECKS_PARAMS = (
@@ -69,6 +72,7 @@ class DatasetSpec:
     n: int
     sample: str
     train: TrainConfig
+    model: dict[str, str] | None = None  # a user's classifier: {"ref", "file", "sha256" of its state_dict}
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class Suite:
     checks: dict[str, Any]
     resilience: dict[str, Any]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    plugins: tuple[str, ...] = ()  # plug-in modules as workers import them (absolute paths or dotted names)
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -105,7 +110,7 @@ def load_suite(path: str | Path) -> Suite:
     origins: dict[tuple[str, ...], str] = {}
     raw = _read_with_includes(path, 0, origins)
     try:
-        return parse(raw, str(path), default_name=path.stem)
+        return parse(raw, str(path), default_name=path.stem, base=path.parent)
     except SuiteError as exc:
         origin = _origin(exc.path, origins)
         if origin is None or origin == str(path):
@@ -363,14 +368,41 @@ def _refuse_duplicates(entries: list[tuple[str, Entry]], registry: Any, kind: st
                     raise SuiteError(source, path, f"{where} ({what}); remove the duplicate")
 
 
-def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suite:
-    """Validate a suite already read from TOML (``include`` resolved)."""
+def _plugins(raw: dict[str, Any], source: str, base: Path | None) -> tuple[str, ...]:
+    """Import the suite's ``plugins`` (before its entries are checked against the registries)."""
+    entries = raw.get("plugins", [])
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+        raise SuiteError(source, "plugins", f"expected a list of .py paths or dotted module names, got {_show(entries)}")
+    located = []
+    for i, entry in enumerate(entries):
+        try:
+            located.append(plugins.plugin_location(entry, base))
+            plugins.activate(located[-1:])
+        except BenchError as exc:
+            raise SuiteError(source, f"plugins[{i}]", str(exc)) from None
+    return tuple(located)
+
+
+def _user_model(ref: str, dataset: Dataset, source: str, path: str, base: Path | None) -> dict[str, str]:
+    """Locate and load the user's classifier once: its file and the sha256 of its state_dict (its identity)."""
+    try:
+        file, _ = plugins.locate(ref, base)
+        model = plugins.load_model(ref, file, dataset.shape)
+    except BenchError as exc:
+        raise SuiteError(source, path, str(exc)) from None
+    return {"ref": ref, "file": file, "sha256": plugins.state_sha256(model)}
+
+
+def parse(raw: dict[str, Any], source: str, default_name: str = "suite", base: Path | None = None) -> Suite:
+    """Validate a suite already read from TOML (``include`` resolved); ``base`` is the folder where the suite's
+    plug-ins and ``module:callable`` references are looked for first."""
     from bench.attacks import REGISTRY as ATTACKS
     from defenses import REGISTRY as DEFENSES
 
     from bench.threats import REGISTRY as THREATS
 
     _check_keys(raw, TOP_KEYS + tuple(c.name for c in THREATS if c.params), source, "")
+    loaded = _plugins(raw, source, base)
     top = check_table({k: raw[k] for k in ("name", "description", "seed", "max_cells") if k in raw}, (
         Param("name", str, default_name, "suite name (default: file name)"),
         Param("description", str, "", "one line shown in the leaderboard header"),
@@ -393,7 +425,8 @@ def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suit
         dataset = Dataset(name)
         values = check_table(table, DATASET_PARAMS, source, f"datasets.{name}", dataset)
         train = TrainConfig(**{k: values[k] for k in TrainConfig.__dataclass_fields__})
-        datasets[dataset] = DatasetSpec(dataset, values["n"], values["sample"], train)
+        model = _user_model(values["model"], dataset, source, f"datasets.{name}.model", base) if values["model"] else None
+        datasets[dataset] = DatasetSpec(dataset, values["n"], values["sample"], train, model)
     available = tuple(datasets)
 
     defenses = []
@@ -401,8 +434,15 @@ def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suit
         path = f"defenses[{i}]"
         cls = DEFENSES.get(entry["name"], source, f"{path}.name")
         on = _datasets_filter(entry, available, source, path)
-        defenses += [(path, Entry(cls.name, given, on)) for given in _expand(cls, entry, ("datasets",), source, path,
-                                                                               top["max_cells"])]
+        expanded = [cls.prepare(entry, given, source, path, base)
+                    for given in _expand(cls, entry, ("datasets",), source, path, top["max_cells"])]
+        for dataset in (d for d in on if datasets[d].model):
+            for given in expanded:
+                if cls(dataset, cls.resolve(given, dataset)).trains():
+                    raise SuiteError(source, path, f"{cls.make_id(cls.resolve(given, dataset), dataset)} trains its "
+                                     f"own classifier, but datasets.{dataset.value}.model is a trained model of yours "
+                                     f"that the harness does not train; remove the defense or the model")
+        defenses += [(path, Entry(cls.name, given, on)) for given in expanded]
 
     attacks = []
     for i, entry in enumerate(_entries(raw, "attacks", source)):
@@ -426,4 +466,5 @@ def parse(raw: dict[str, Any], source: str, default_name: str = "suite") -> Suit
         attacks=tuple(e for _, e in attacks), threats=_threat_settings(raw, source),
         checks=check_table(raw.get("checks"), CHECKS_PARAMS, source, "checks"),
         resilience=check_table(raw.get("resilience"), RESILIENCE_PARAMS, source, "resilience"), raw=raw,
+        plugins=loaded,
     )

@@ -25,10 +25,13 @@ class Defense(Component):
     ``bpda_variants`` names the backward approximations the ``bpda`` threat can use on this defense (see
     :mod:`bench.bpda`); empty means the defense has nothing to approximate, so ``bpda`` equals ``whitebox``.
     ``shares_weights_with_none`` marks defenses applied to the undefended model without retraining.
+    ``untrusted`` marks code the harness did not write (``custom``): ``bpda`` chooses its backward pass and EOT from
+    the model probe, and :meth:`check_output` runs before any cell.
     """
 
     bpda_variants: ClassVar[tuple[str, ...]] = ()
     shares_weights_with_none: ClassVar[bool] = False
+    untrusted: ClassVar[bool] = False
 
     def __init__(self, dataset: Dataset, values: dict[str, Any]) -> None:
         self.dataset = dataset
@@ -58,6 +61,20 @@ class Defense(Component):
         return {"defense": self.name,
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in self._training_values().items()}}
 
+    def trains(self) -> bool:
+        """True when the defense needs weights of its own (it cannot sit in front of a user's trained model)."""
+        return self.weights_key() != {"defense": "none"}
+
+    @classmethod
+    def prepare(cls, entry: dict[str, Any], given: dict[str, Any], source: str, path: str,
+                base: Path | None) -> dict[str, Any]:
+        """The parameters of one expanded suite entry, completed by the defense (e.g. ``custom`` adds its module's
+        hash); ``entry`` is the raw table, ``base`` the suite file's folder. Raise a SuiteError for bad input."""
+        return given
+
+    def check_output(self, x: torch.Tensor) -> None:
+        """Raise a BenchError before any cell runs when the preprocessing is unusable on images ``x``."""
+
     def weights_label(self) -> str:
         """Readable name of the trained weights in the model cache (``none`` for defenses that share them)."""
         return "none" if self.shares_weights_with_none else self.make_id(self._training_values(), self.dataset)
@@ -84,4 +101,4 @@ class Defense(Component):
         return []
 
 
-REGISTRY: Registry[Defense] = Registry("defense", Defense, "defenses")
+REGISTRY: Registry[Defense] = Registry("defense", Defense, "defenses", "qusec_bench.defenses")

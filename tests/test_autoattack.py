@@ -208,12 +208,12 @@ def test_autoattack_components_follow_autoattacks_versions() -> None:
     apgd = {"steps": 100, "restarts": 1, "eot": 1, "rho": 0.75}
     square = ("square", "square", {"queries": 5000, "p_init": 0.8, "restarts": 1, "target": "none"})
     apgd_t = ("apgd-t", "apgd_dlr", {**apgd, "targets": 9})
-    fab_t = ("fab-t", "fab", {"steps": 100, "restarts": 1, "targets": 9})
+    fab_t = ("fab-t", "fab", {"steps": 100, "restarts": 1, "targets": 9, "eot": 1})  # eot: the harness's
     assert components({}) == [("apgd-ce", "apgd_ce", apgd), apgd_t, fab_t, square]
     assert components({"version": "plus"}) == [
         ("apgd-ce", "apgd_ce", {**apgd, "restarts": 5}),
         ("apgd-dlr", "apgd_dlr", {**apgd, "restarts": 5, "targets": 0}),
-        ("fab", "fab", {"steps": 100, "restarts": 5, "targets": 0}), square, apgd_t, fab_t]
+        ("fab", "fab", {"steps": 100, "restarts": 5, "targets": 0, "eot": 1}), square, apgd_t, fab_t]
     assert components({"version": "rand"}) == [("apgd-ce", "apgd_ce", {**apgd, "eot": 20}),
                                                ("apgd-dlr", "apgd_dlr", {**apgd, "eot": 20, "targets": 0})]
     cheap = components({"steps": 20, "targets": 3, "square_queries": 300})

@@ -40,6 +40,11 @@ class Runtime:
     ids: torch.Tensor | None = None
 
 
+EOT = Param("eot", int, 1, "Expectation over Transformation: gradients (and losses) on the mean logits of this many "
+            "forward passes, for randomized defenses; bpda picks 10 by itself for a randomized custom defense",
+            low=1, high=1000)
+
+
 def target_param(default: str = "none", modes: tuple[str, ...] = TARGET_MODES) -> Param:
     """The ``target`` parameter: ``none`` (untargeted) or how target labels are chosen (never the true label)."""
     return Param("target", str, default, "untargeted (none) or target choice: random (seeded), next ((y+1) mod 10), "
@@ -58,7 +63,9 @@ class Attack(Component):
     ``revision`` is raised when a fix changes an adapter's results: it is part of the cell key, so a results
     directory never resumes a cell computed before the fix. ``pooled`` attacks run the harness's step loop: they
     get every attempt at once (on the CPU) and batch them themselves by ``runtime.batch``. ``stats`` is what an
-    attack reports about its last run (e.g. ``late_loss_gain`` for the ``unstable-loss`` flag).
+    attack reports about its last run (e.g. ``late_loss_gain`` for the ``unstable-loss`` flag). Every gradient
+    attack also takes ``eot``: its own where it declares one (APGD averages gradients per step), else the
+    harness's (:data:`EOT`, added to its ``params`` and applied to the model, see :class:`bench.bpda.EOT`).
     """
 
     norm: ClassVar[str] = "linf"
@@ -70,10 +77,20 @@ class Attack(Component):
     revision: ClassVar[int] = 0
     pooled: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.gradient and all(p.name != EOT.name for p in cls.params):
+            cls.params = (*cls.params, EOT)
+
     def __init__(self, values: dict[str, Any]) -> None:
         self.values = values
         self.runtime = Runtime()
         self.stats: dict[str, Any] = {}
+
+    @classmethod
+    def harness_eot(cls, values: dict[str, Any]) -> int:
+        """Forward passes the harness averages for this attack (1 when the attack does EOT itself or has none)."""
+        return int(values.get(EOT.name, 1)) if any(p is EOT for p in cls.params) else 1
 
     @classmethod
     def bound_norm(cls) -> str:
@@ -117,4 +134,4 @@ class Attack(Component):
         return attack(x, target)
 
 
-REGISTRY: Registry[Attack] = Registry("attack", Attack, "bench.attacks")
+REGISTRY: Registry[Attack] = Registry("attack", Attack, "bench.attacks", "qusec_bench.attacks")

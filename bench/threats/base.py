@@ -28,11 +28,13 @@ class Source:
 
     ``model`` is the network the attacker differentiates or queries. ``shared`` names crafted examples that do
     not depend on the defense (the same undefended model or substitute for every defense): cells with the same
-    ``shared`` key reuse one crafting run. ``extra`` holds fields for the cell's record.
+    ``shared`` key reuse one crafting run. ``extra`` holds fields for the cell's record. ``eot`` > 1: gradient
+    attacks run on the mean of that many forward passes (Expectation over Transformation).
     """
 
     model: nn.Module
     shared: str | None = None
+    eot: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -80,4 +82,4 @@ class Threat(Component):
         raise NotImplementedError
 
 
-REGISTRY: Registry[Threat] = Registry("threat", Threat, "bench.threats")
+REGISTRY: Registry[Threat] = Registry("threat", Threat, "bench.threats", "qusec_bench.threats")
