@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from bench import plots
+from bench import plots, sheet
 from bench.results import MAX_LINE
 from conftest import bench, tiny_suite
 from test_reliability import cli
@@ -149,8 +149,10 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                                    HealthCheck.function_scoped_fixture])
 @given(data=corrupted())
 def test_corrupted_cells_files_through_every_reader(out: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    """500 files, without the figures (the test below draws them)."""
+    """500 files, without the figures (the test below draws them; drawing the example sheet made each file cost
+    about a second)."""
     monkeypatch.setattr(plots, "write", lambda records, where: [])
+    monkeypatch.setattr(sheet, "write", lambda records, where: [])
     readers(out, data)
 
 
