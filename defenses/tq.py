@@ -50,6 +50,8 @@ class TrainableQuantization(Defense):
         with its own colour scale, since training moves thresholds by little compared with their spacing."""
         from matplotlib.figure import Figure
 
+        from bench.plots import file_name
+
         layer = next(m for m in model.modules() if isinstance(m, QuantizationLayer))
         thresholds = layer.thresholds.detach().cpu().numpy()
         channels, count = thresholds.shape[0], thresholds.shape[-1]
@@ -67,10 +69,6 @@ class TrainableQuantization(Defense):
                 fig.colorbar(image, ax=ax, shrink=0.8)
         fig.suptitle(f"{self.id} learned thresholds, {self.dataset.value}")
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"tq-thresholds-{self.dataset.value}-{_file_safe(self.id)}.png"
+        path = out_dir / file_name("tq-thresholds", self.dataset.value, self.id)
         fig.savefig(path, dpi=100)
         return [path]
-
-
-def _file_safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "=,.-_" else "_" for c in text)
