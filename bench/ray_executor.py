@@ -13,7 +13,9 @@ A task is pure (cell spec + Settings → record), with a per-worker :class:`Cont
 cell. The driver yields records as they finish; the runner is the only writer. A dead worker is retried by Ray
 (``max_retries``); an exception in a cell, or in the training it needs, becomes an error record with a
 ``traceback`` field; a user error (BenchError, e.g. missing data on a node) stops the run as it does locally;
-Ctrl-C cancels the outstanding tasks. Cluster set-up: docs/cluster.md.
+Ctrl-C cancels the tasks that have no ObjectRef arguments; the others then fail with their dependency. Ray 2.60's
+driver aborts when a task is cancelled while its ObjectRef arguments resolve (``submitted_task_ref_count > 0``,
+ray-project/ray#56123), which killed a CI run. Cluster set-up: docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -109,10 +111,10 @@ class RayExecutor:
         ray = self.ray
         started = self._connect()
         outstanding: dict[Any, Cell] = {}
-        artifacts: list[Any] = []
+        roots: list[Any] = []
         try:
             self._check_resources()
-            outstanding, artifacts = self._submit(cells, settings, Context(settings, stop=stop))
+            outstanding, _, roots = self._submit(cells, settings, Context(settings, stop=stop))
             while outstanding:
                 on_start(next(iter(outstanding.values())))
                 ready: list[Any] = []
@@ -122,8 +124,8 @@ class RayExecutor:
                     ready, _ = ray.wait(list(outstanding), num_returns=1, timeout=0.5)
                 yield self._collect(ready[0], outstanding.pop(ready[0]))
         finally:
-            for ref in [*outstanding, *artifacts] if outstanding else []:
-                ray.cancel(ref)
+            for ref in roots if outstanding else []:
+                ray.cancel(ref, recursive=False)
             if started:
                 ray.shutdown()
 
@@ -166,8 +168,12 @@ class RayExecutor:
                 raise BenchError(f"{flag} {wanted:g}: no node of the Ray cluster has that many {name}s "
                                  f"(largest: {largest:g})")
 
-    def _submit(self, cells: list[Cell], settings: Settings, ctx: Context) -> tuple[dict[Any, Cell], list[Any]]:
-        """One task per artifact not yet in the cache, then one per cell depending on its artifacts' tasks."""
+    def _submit(self, cells: list[Cell], settings: Settings,
+                ctx: Context) -> tuple[dict[Any, Cell], list[Any], list[Any]]:
+        """One task per artifact not yet in the cache, then one per cell depending on its artifacts' tasks.
+
+        Returns the cell tasks, the artifact tasks, and the tasks of both kinds without ObjectRef arguments (the
+        only ones safe to cancel, see the module docstring)."""
         remote = self.ray.remote
         options = {"num_cpus": self.cpus, "num_gpus": self.gpus, "max_retries": RETRIES}
         artifact, cell_task = remote(_artifact).options(**options), remote(_cell).options(**options)
@@ -175,6 +181,7 @@ class RayExecutor:
                          cache_dir=str(ctx.models.cache.root.resolve()),
                          device="cuda" if self.gpus > 0 else settings.device)
         tasks: dict[str, Any] = {}
+        roots: list[Any] = []
 
         def needs(kind: str, cell: Cell, after: list[Any]) -> list[Any]:
             label, fields = ctx.models.artifact(kind, cell)
@@ -182,6 +189,7 @@ class RayExecutor:
             if key not in tasks:
                 cached = ctx.models.cache.exists(cell.dataset.value, label, fields)
                 tasks[key] = None if cached else artifact.remote(kind, cell, worker, self.cpus, *after)
+                roots.extend([] if cached or after else [tasks[key]])
             return [tasks[key]] if tasks[key] is not None else []
 
         refs: dict[Any, Cell] = {}
@@ -189,8 +197,10 @@ class RayExecutor:
             deps = needs("model", cell, [])
             for kind, needed in THREATS.get(cell.threat)().requires(cell, ctx):
                 deps += needs(kind, needed, list(deps))
-            refs[cell_task.remote(cell, worker, self.cpus, *deps)] = cell
-        return refs, [ref for ref in tasks.values() if ref is not None]
+            ref = cell_task.remote(cell, worker, self.cpus, *deps)
+            refs[ref] = cell
+            roots += [] if deps else [ref]
+        return refs, [ref for ref in tasks.values() if ref is not None], roots
 
     def _collect(self, ref: Any, cell: Cell) -> dict[str, Any]:
         """The cell's record; a task that raised (its training included) or kept dying is an error record."""
