@@ -100,7 +100,7 @@ def record_base(cell: Cell) -> dict[str, Any]:
     attack_cls = ATTACKS.get(cell.attack)
     return {
         "suite": cell.suite, "dataset": cell.dataset.value, "defense": cell.defense_id, "defense_name": cell.defense,
-        "defense_params": {k: list(v) if isinstance(v, tuple) else v for k, v in cell.defense_values.items()},
+        "defense_params": cell.defense_params,
         "attack": cell.attack_id, "attack_name": cell.attack, "attack_params": cell.attack_values,
         "threat": cell.threat, "threat_params": cell.threat_params, "threat_label": cell.threat_label,
         "eps": cell.eps, "targeted": cell.targeted, "target": cell.attack_values.get("target", "none"),

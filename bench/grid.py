@@ -55,9 +55,7 @@ class Cell:
         data = asdict(self)
         data["dataset"] = self.dataset.value
         data["train"] = config_dict(self.train)  # training settings added later stay out of the key at their defaults
-        defense = DEFENSES.get(self.defense)
-        data["defense_values"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.defense_values.items()
-                                  if all(p.in_key for p in defense.params if p.name == k)}
+        data["defense_values"] = self.defense_params
         if EOT in ATTACKS.get(self.attack).params and self.attack_values.get("eot") == 1:
             del data["attack_values"]["eot"]  # absent at its default, so keys from before it stay what they were
         del data["suite"], data["purpose"], data["keep_examples"]
@@ -72,6 +70,13 @@ class Cell:
             data["attack_revision"] = revision
         data["scoring"] = SCORING_REVISION
         return data
+
+    @property
+    def defense_params(self) -> dict[str, Any]:
+        """The defense's values as keyed and recorded: JSON-able, without machine-local ones (``in_key=False``,
+        e.g. the path of a custom defense's file, whose content its sha256 already names)."""
+        local = {p.name for p in DEFENSES.get(self.defense).params if not p.in_key}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.defense_values.items() if k not in local}
 
     @cached_property
     def key(self) -> str:

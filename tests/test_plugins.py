@@ -121,6 +121,8 @@ def test_custom_defense_from_a_file_runs_through_bench_run(tmp_path: Path, bench
     assert all(r["error"] is None and r["clean_acc"] > 0.5 and r["grad_zero"] == 0 and not r["randomized"]
                for r in rows)
     assert [r.get("bpda_backward") for r in rows if r["threat"] == "bpda"] == ["exact"]
+    assert all(len(r["defense_params"]["sha256"]) == 64 for r in rows)
+    assert str(tmp_path) not in (tmp_path / "out" / "cells.jsonl").read_text()  # no machine-local path in records
     assert "custom(shrink:build,scale=0.9,retrain=false)" in (tmp_path / "out" / "leaderboard.md").read_text()
 
 
