@@ -322,16 +322,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bench import report
+    from bench.leaderboard import planned
     from bench.results import read_records, write_text
 
     out = _output_file(args.out, "--out")
-    records = []
+    records: list[dict[str, Any]] = []
+    grids: dict[str, tuple[int, int | None] | None] = {}
     for directory in args.dirs:
         path = Path(directory) / "cells.jsonl"
         if not path.is_file():
-            raise BenchError(f"{path} does not exist: run the paper suites first (bench run suites/paper-mnist.toml)")
-        records += read_records(path)
-    write_text(out, report.render(records))
+            warnings.warn(f"{path} does not exist: {directory} is reported as not run", stacklevel=1)
+            grids[directory] = None
+            continue
+        found = read_records(path)
+        plan = planned(Path(directory))
+        done = {r["cell_id"] for r in found}
+        grids[directory] = (len(done & plan), len(plan)) if plan else (len(done), None)
+        records += found
+    if all(counts is None for counts in grids.values()):
+        raise BenchError(f"no results in {', '.join(args.dirs)}: run the paper suites first "
+                         f"(bench run suites/paper-mnist.toml)")
+    write_text(out, report.render(records, grids))
     print(f"wrote {out}")
     return 0
 

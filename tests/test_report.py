@@ -12,7 +12,7 @@ from bench import report
 from bench.results import pack_mask
 from bench.runner import plan
 from bench.suite import load_suite
-from conftest import bench
+from conftest import ROOT, bench
 from test_leaderboard import N, cell
 
 
@@ -60,6 +60,26 @@ def test_level_trend_and_report_rendering() -> None:
     assert c.figures(records).whitebox == 0.0 and report.verdict(c, c.figures(records)) == "not reproduced"
     text = report.render(records)
     assert "| 11 | More quantization levels lower robust accuracy |" in text and "**not reproduced**" in text
+
+
+def test_a_partial_or_missing_grid_is_said_on_top_of_the_report(tmp_path: Path,
+                                                                 bench_env: dict[str, str]) -> None:
+    """Two of three planned cells stored, a second directory without cells: the report says so, exit 0."""
+    lines = (ROOT / "results" / "paper-mnist" / "cells.jsonl").read_text().splitlines(keepends=True)[:2]
+    out = tmp_path / "paper-mnist"
+    out.mkdir()
+    (out / "cells.jsonl").write_text("".join(lines))
+    (out / "plan.json").write_text(json.dumps({"cells": [json.loads(line)["cell_id"] for line in lines] + ["x"]}))
+    result = bench("report", str(out), str(tmp_path / "paper-cifar10"), "--out", str(tmp_path / "R.md"),
+                   env=bench_env)
+    assert result.returncode == 0, result.stderr
+    assert "paper-cifar10/cells.jsonl does not exist" in result.stderr
+    text = (tmp_path / "R.md").read_text()
+    assert f"**{out}: partial, 2 of 3 cells**" in text and f"**{tmp_path / 'paper-cifar10'}: not run**" in text
+    unknown = "- b: 5 cells (the size of its grid is unknown: no plan.json)"
+    assert report.coverage({"a": (3, 3), "b": (5, None)}) == ["- a: complete, 3 cells", unknown]
+    nothing = bench("report", str(tmp_path / "none"), "--out", str(tmp_path / "R2.md"), env=bench_env)
+    assert nothing.returncode == 2 and "bench: error: no results in" in nothing.stderr
 
 
 @pytest.mark.slow
