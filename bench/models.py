@@ -67,11 +67,15 @@ class DefendedModel(nn.Module):
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Predicted labels of ``model`` on ``x`` in eval mode, batched."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500, seed: int = 0) -> torch.Tensor:
+    """Predicted labels of ``model`` on ``x`` in eval mode, batched. torch's RNG is seeded with ``seed`` for the
+    call and restored after it, so a randomized defense scores the same in every run, whatever ran before."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu()
+                         for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out

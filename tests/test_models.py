@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.models import CleverhansCNN, SubstituteCNN
+from bench.models import CleverhansCNN, DefendedModel, SubstituteCNN, predict
 from bench.types import Dataset
 
 
@@ -27,3 +27,22 @@ def test_substitute_is_a_different_architecture(dataset: Dataset) -> None:
     assert substitute(torch.rand(2, *dataset.shape)).shape == (2, 10)
     assert sum(p.numel() for p in substitute.parameters()) != sum(
         p.numel() for p in CleverhansCNN(dataset.shape).parameters())
+
+
+def test_a_randomized_model_predicts_the_same_whatever_ran_before() -> None:
+    """``predict`` seeds torch's RNG for its call (and restores it): clean and adversarial scores of a randomized
+    defense are reproducible, and the caller's random stream is left as it was."""
+
+    class Noise(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.rand_like(x)
+
+    model = DefendedModel(Noise(), CleverhansCNN((1, 28, 28)))
+    x = torch.zeros(600, 1, 28, 28)
+    torch.manual_seed(1)
+    first = predict(model, x)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    assert torch.equal(predict(model, x), first)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(predict(model, x, seed=1), first)
