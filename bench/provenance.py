@@ -18,14 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @cache
 def git_revision(root: Path = ROOT) -> str | None:
-    """The checkout's commit, with ``+dirty`` for uncommitted changes to tracked files outside ``results/``, or
-    None outside git. Results are outputs, not code: re-running a committed suite in place (or clearing its
-    results first) does not mark the code that computes them as modified."""
+    """The checkout's commit, with ``+dirty`` for uncommitted changes to tracked files outside folders named
+    ``results`` (``results/``, ``examples/*/results/``), or None outside git. Results are outputs, not code:
+    re-running a committed suite in place (or clearing its results first) does not mark the code that computes
+    them as modified."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"]
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude,glob)**/results/**"]
         dirty = subprocess.run(status, cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
