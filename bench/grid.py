@@ -65,7 +65,7 @@ class Cell:
             del data["model"]
         else:
             data["model"] = {k: v for k, v in self.model.items() if k != "file"}
-        revision = ATTACKS.get(self.attack).revision
+        revision = ATTACKS.get(self.attack).key_revision(self.attack_values)
         if revision:  # absent at 0, so the keys of adapters never revised stay what they were
             data["attack_revision"] = revision
         data["scoring"] = SCORING_REVISION

@@ -60,8 +60,9 @@ class Attack(Component):
     on the substitute under ``blackbox`` and through BPDA under ``bpda``); ``iterative`` separates multi-step from
     single-step attacks for the ``single>iter`` red flag; ``check_convergence`` attacks (with a ``steps``
     parameter) are re-run with doubled steps at the largest eps for the ``not-converged`` red flag.
-    ``revision`` is raised when a fix changes an adapter's results: it is part of the cell key, so a results
-    directory never resumes a cell computed before the fix. ``pooled`` attacks run the harness's step loop: they
+    ``revision`` is raised when a fix changes an adapter's results: it is part of the cell key (through
+    :meth:`key_revision`, which may raise it for some parameters only), so a results directory never resumes a
+    cell computed before the fix. ``pooled`` attacks run the harness's step loop: they
     get every attempt at once (on the CPU) and batch them themselves by ``runtime.batch``. ``stats`` is what an
     attack reports about its last run (e.g. ``late_loss_gain`` for the ``unstable-loss`` flag). Every gradient
     attack also takes ``eot``: its own where it declares one (APGD averages gradients per step), else the
@@ -91,6 +92,11 @@ class Attack(Component):
     def harness_eot(cls, values: dict[str, Any]) -> int:
         """Forward passes the harness averages for this attack (1 when the attack does EOT itself or has none)."""
         return int(values.get(EOT.name, 1)) if any(p is EOT for p in cls.params) else 1
+
+    @classmethod
+    def key_revision(cls, values: dict[str, Any]) -> int:
+        """The revision in the key of a cell with these parameter values (default: :attr:`revision`)."""
+        return cls.revision
 
     @classmethod
     def bound_norm(cls) -> str:
