@@ -29,8 +29,8 @@ class _CW(torchattacks.CW):
     With ``linf``, the change of variables maps tanh space onto the box [x - linf, x + linf] ∩ [0, 1] instead of
     [0, 1], the way C&W handle their box constraint, so Adam minimises the L2 size within the L∞ bound. Projecting
     the unconstrained result into the bound afterwards (what revision 1 did) mostly undoes it: on the paper's
-    MNIST CNN, first 1,000 test images, c = 10, the undefended model kept 98.9 % under C&W with L∞ ≤ 0.1 where
-    PGD at 0.1 leaves 39.1 %.
+    MNIST CNN, first 1,000 test images, c = 10, the undefended model kept 98.9 % under C&W with L∞ ≤ 0.1, 52.4 %
+    with the box (PGD-40 at 0.1 leaves 39.1 %; C&W trades success for a small L2, 1.40 on average).
     """
 
     def __init__(self, *args: object, linf: float | None = None, **kwargs: object) -> None:
