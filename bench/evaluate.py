@@ -58,9 +58,9 @@ class Context:
             self._memo[key] = make()
         return self._memo[key]
 
-    def shared_items(self, kind: str) -> list[Any]:
-        """The values :meth:`shared` made under keys starting with ``kind`` (e.g. ``"craft"``)."""
-        return [value for key, value in self._memo.items() if key[0] == kind]
+    def craftings(self) -> list[Crafted]:
+        """The crafting runs that several cells shared (oblivious, black-box), each once."""
+        return [value for key, value in self._memo.items() if key[0] == "craft"]
 
     def probe(self, cell: Cell) -> dict[str, Any]:
         """:func:`bench.probe.probe` of the cell's defended model on its evaluated images, once per model."""

@@ -57,7 +57,7 @@ def main() -> int:
                        if r.get("same_as") is None}
             taken = sum(r["gradients"] for r in records.values() if not r["shared_crafting"])
             results[save] = (time.perf_counter() - start, records,
-                             taken + sum(crafted.backwards for crafted in ctx.shared_items("craft")))
+                             taken + sum(crafted.backwards for crafted in ctx.craftings()))
     (wall_on, on, steps_on), (wall_off, off, steps_off) = results[True], results[False]
     rows, worse = [], []
     for key, r in on.items():
