@@ -163,6 +163,32 @@ def test_step_loop_keeps_the_first_adversarial_iterate_and_restarts_only_survivo
     assert stats["late_loss_gain"] == pytest.approx(0.1, abs=0.02)  # a steady climb: 10 % in the last 10 %
 
 
+def test_step_loop_ends_an_image_whose_gradient_is_exactly_zero_with_the_same_result() -> None:
+    """A rounding defense has a zero input gradient: the sign step cannot move the image, so stopping it at once
+    must give exactly what taking every step gives, for far fewer steps (restarts still run)."""
+    torch.manual_seed(0)
+    cnn = CleverhansCNN((1, 28, 28)).eval().requires_grad_(False)
+    x = torch.rand(12, 1, 28, 28)
+    y = cnn(torch.round(x)).argmax(1)
+    calls: list[int] = []
+
+    class Rounded(nn.Module):
+        def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            calls.append(len(batch))
+            return cnn(torch.round(batch))
+
+    runs = {}
+    for early_stop in (False, True):
+        calls.clear()
+        torch.manual_seed(1)
+        adv, stats = iterate(Rounded(), x, y, None, eps=0.3, alpha=0.05, steps=20, random_start=True, restarts=3,
+                             runtime=Runtime(batch=5, early_stop=early_stop))
+        runs[early_stop] = adv, stats, sum(calls)
+    (adv_off, stats_off, work_off), (adv_on, stats_on, work_on) = runs[False], runs[True]
+    assert torch.equal(adv_on, adv_off) and stats_on == stats_off
+    assert work_on * 21 == work_off  # the same runs (images and restarts), one forward each instead of 21
+
+
 def test_probe_and_flags_fire_on_models_built_to_trigger_them() -> None:
     torch.manual_seed(0)
     cnn = CleverhansCNN((1, 28, 28)).eval().requires_grad_(False)

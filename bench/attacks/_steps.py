@@ -9,6 +9,10 @@ torchattacks' PGD/BIM step exactly (sign of the cross-entropy gradient, projecti
 - with ``runtime.early_stop``, an image leaves the pool at the first iterate the attacked model misclassifies
   (untargeted) or assigns to the target (targeted), and keeps that iterate: AutoAttack's rule, and never weaker
   than the last iterate for a deterministic model whose forward pass is the defended model's;
+- with ``runtime.early_stop``, an image also leaves the pool, keeping its iterate, once its gradient is exactly
+  zero (a rounding defense such as bit-depth squeezing or DQA, white-box): the sign step does not move it, so
+  every later step of a deterministic model would recompute the same gradient at the same point and the run's
+  result is that iterate; the steps it skips change nothing;
 - a restart (a fresh random start) runs only for the images that survived all previous ones;
 - an image's random start depends only on the cell's seed, its id (``runtime.ids``) and the restart, never on
   which other images share its batch, so the savings change no trajectory: they only end it sooner.
@@ -77,15 +81,21 @@ def iterate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Te
         exhausted = step == steps
         done = exhausted | reached if runtime.early_stop else exhausted
         go = ~done
+        stuck = torch.zeros_like(go)
         if go.any():
             signed = F.cross_entropy(logits[go.to(device)], goal[idx[go]].to(device), reduction="sum")
             (grad,) = torch.autograd.grad(signed if target is None else -signed, current)
+            if runtime.early_stop:
+                stuck = go & (grad.flatten(1) == 0).all(1).cpu()
+                late_loss[idx[stuck & (step < late)]] = loss[stuck & (step < late)]
+                go &= ~stuck
         current = current.detach()
-        if done.any():
-            out[idx[done]] = current[done.to(device)].cpu()
-            last_loss[idx[done & reached]] = float("nan")
-            last_loss[idx[done & ~reached]] = loss[done & ~reached]
-            again = done & ~reached & (run + 1 < restarts)
+        ended = done | stuck
+        if ended.any():
+            out[idx[ended]] = current[ended.to(device)].cpu()
+            last_loss[idx[ended & reached]] = float("nan")
+            last_loss[idx[ended & ~reached]] = loss[ended & ~reached]
+            again = ended & ~reached & (run + 1 < restarts)
             waiting.extend(reversed([(int(i), int(r) + 1) for i, r in zip(idx[again], run[again], strict=True)]))
         if go.any():
             keep = go.to(device)
