@@ -15,8 +15,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-THREAT_STYLE = {"wb": "-", "bpda": "--", "bpda-soft": ":", "bb": "-."}
-THREAT_NAME = {"wb": "white-box", "bpda": "BPDA", "bpda-soft": "BPDA (soft)", "bb": "black-box"}
+# threat label → (matplotlib line style, its name in the figure title)
+THREAT_STYLE: dict[str, tuple[Any, str]] = {
+    "wb": ("-", "solid"), "bpda": ("--", "dashed"), "bpda-soft": ((0, (6, 2, 1, 2, 1, 2)), "dash-dot-dot"),
+    "bb": ("-.", "dash-dot"), "obl": (":", "dotted"),
+}
+OTHER_STYLE = ((0, (1, 4)), "sparse dots")  # a plug-in threat's curve
+THREAT_NAME = {"wb": "white-box", "bpda": "BPDA", "bpda-soft": "BPDA (soft)", "bb": "black-box", "obl": "oblivious"}
+
+
+def _threats(cells: list[dict[str, Any]]) -> list[str]:
+    """The threat labels present, the built-in ones first in a fixed order, then any plug-in's."""
+    present = dict.fromkeys(r["threat_label"] for r in cells)
+    return [t for t in THREAT_STYLE if t in present] + sorted(t for t in present if t not in THREAT_STYLE)
 
 
 def _grid(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -37,17 +48,20 @@ def accuracy_vs_eps(records: list[dict[str, Any]], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(11, 4.8))
         defenses = list(dict.fromkeys(r["defense"] for r in cells))
         colours = plt.get_cmap("tab20")(range(len(defenses)))
+        threats = _threats(cells)
         for colour, defense in zip(colours, defenses, strict=True):
-            for threat in THREAT_STYLE:
+            for threat in threats:
                 line = sorted((r["eps"], r["robust_acc"]) for r in cells if r["defense"] == defense
                               and r["threat_label"] == threat)
                 if line:
-                    ax.plot([e for e, _ in line], [100 * a for _, a in line], THREAT_STYLE[threat], color=colour,
-                            marker="o", markersize=3, label=f"{defense} ({THREAT_NAME[threat]})")
+                    ax.plot([e for e, _ in line], [100 * a for _, a in line],
+                            linestyle=THREAT_STYLE.get(threat, OTHER_STYLE)[0], color=colour, marker="o", markersize=3,
+                            label=f"{defense} ({THREAT_NAME.get(threat, threat)})")
         ax.set_xlabel("ε (L∞, pixel scale [0, 1])")
         ax.set_ylabel("accuracy under attack (%)")
         ax.set_ylim(-2, 102)
-        ax.set_title(f"{dataset}: {attack} — solid white-box, dashed BPDA, dash-dot black-box")
+        styles = ", ".join(f"{THREAT_STYLE.get(t, OTHER_STYLE)[1]} {THREAT_NAME.get(t, t)}" for t in threats)
+        ax.set_title(f"{dataset}: {attack} — {styles}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside: never on data
         written.append(_save(fig, out / file_name(dataset, attack, "accuracy-vs-eps")))
@@ -66,18 +80,19 @@ def defense_bars(records: list[dict[str, Any]], out: Path) -> list[Path]:
         eps = max((r["eps"] for r in cells if r["eps"] is not None), default=None)
         cells = [r for r in cells if r["eps"] == eps]
         defenses = list(dict.fromkeys(r["defense"] for r in cells))
-        threats = [t for t in THREAT_STYLE if any(r["threat_label"] == t for r in cells)]
+        threats = _threats(cells)
         width = 0.8 / len(threats)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(defenses) + 2), 4.5))
         for i, threat in enumerate(threats):
             values = [next((100 * r["robust_acc"] for r in cells if r["defense"] == d and r["threat_label"] == threat),
                            float("nan")) for d in defenses]
-            bars = ax.bar([k + i * width for k in range(len(defenses))], values, width, label=THREAT_NAME[threat])
+            bars = ax.bar([k + i * width for k in range(len(defenses))], values, width, label=THREAT_NAME.get(threat, threat))
             ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(defenses))], defenses, rotation=35, ha="right",
                       fontsize=7)
         ax.set_ylabel("accuracy under attack (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 108)  # room for the value printed above a full bar
+        ax.set_yticks(range(0, 101, 20))
         ax.set_title(f"{dataset}: {attack}" + ("" if eps is None else f" at ε = {eps:g}"))
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)

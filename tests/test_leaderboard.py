@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench import flags, leaderboard
+from bench import flags, leaderboard, plots
 from bench.errors import BenchError
 from bench.results import pack_mask
 
@@ -130,3 +131,21 @@ def test_a_partial_run_says_how_many_cells_are_done(tmp_path: Any) -> None:
     text = leaderboard.render([done], leaderboard.planned(tmp_path))
     assert "**Partial: 1 of 2 cells.**" in text
     assert "Partial" not in leaderboard.render([done], {done["cell_id"]}) and leaderboard.planned(tmp_path / "x") is None
+
+
+def test_accuracy_vs_eps_draws_every_threat_including_oblivious_and_plug_ins(monkeypatch: pytest.MonkeyPatch,
+                                                                             tmp_path: Path) -> None:
+    drawn: list[Any] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    cells = [cell("d", "pgd", threat, eps, [0, 1]) for threat in ("whitebox", "bpda", "oblivious")
+             for eps in (0.1, 0.3)]
+    cells += [{**cell("d", "pgd", "whitebox", eps, [0]), "threat_label": "mine", "cell_id": f"m{eps}"}
+              for eps in (0.1, 0.3)]
+    plots.accuracy_vs_eps(cells, tmp_path)
+    plots.defense_bars(cells, tmp_path)
+    curves, bars = drawn
+    lines = {line.get_label(): line.get_linestyle() for line in curves.axes[0].get_lines()}
+    assert set(lines) == {"d (white-box)", "d (BPDA)", "d (oblivious)", "d (mine)"}
+    assert len({lines["d (white-box)"], lines["d (BPDA)"], lines["d (oblivious)"]}) == 3  # a line style per threat
+    assert "dotted oblivious" in curves.axes[0].get_title()
+    assert [t.get_text() for t in bars.axes[0].get_legend().get_texts()] == ["white-box", "BPDA", "oblivious", "mine"]
