@@ -130,9 +130,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from bench.estimate import estimate
         from bench.evaluate import Context
+        from bench.grid import select
         from bench.runner import plan
 
-        print(estimate(plan(suite, args.limit), Context(settings)).describe())
+        cells = plan(suite, args.limit)
+        print(estimate(select(cells, args.only) if args.only else cells, Context(settings)).describe())
         return 0
     out = Path(args.out) if args.out else default_out(suite, args.limit)
     prepare_dir(out)
@@ -140,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ["BENCH_NO_PROGRESS"] = "1"
     _keep_freed_memory()
     summary = run(suite, out, settings, limit=args.limit, fresh=args.fresh, executor=executor,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, only=args.only)
     print(summary.describe())
     for error in summary.errors:
         print(f"  failed: {error}", file=sys.stderr)
@@ -361,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "~/.cache/qusec-bench/models)")
     run.add_argument("--limit", type=_positive_int, help="evaluate only the first N test images of each dataset")
     run.add_argument("--fresh", action="store_true", help="recompute every cell and retrain the models it uses")
+    run.add_argument("--only", action="append", metavar="FIELD=PATTERN[,PATTERN...]",
+                     help="run only the cells whose FIELD (dataset, defense, attack, threat or eps) matches a "
+                     "pattern (shell wildcards, name or id as in the tables: defense=tq, 'defense=cq(n=2*', "
+                     "threat=wb, eps=0.1,0.3); repeat to narrow further; the other cells stay in the plan and "
+                     "the leaderboard, so slices fill the same results directory")
     run.add_argument("--dry-run", action="store_true", help="plan only: print the cells, the models to train and "
                      "an estimated wall time from a short throughput probe on the device; run nothing")
     run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")

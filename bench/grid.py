@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
+from fnmatch import fnmatchcase
 from functools import cached_property
 from typing import Any
 
 from bench.attacks import REGISTRY as ATTACKS
 from bench.attacks.base import EOT
-from bench.errors import SuiteError
+from bench.errors import BenchError, SuiteError
 from bench.registry import AUTO
 from bench.suite import Suite
 from bench.threats import REGISTRY as THREATS
@@ -113,6 +114,37 @@ class Cell:
     def describe(self) -> str:
         eps = "" if self.eps is None else f" eps={self.eps:g}"
         return f"{self.dataset.value} {self.defense_id} {self.attack_id} {self.threat_label}{eps}"
+
+
+SELECT_FIELDS = ("dataset", "defense", "attack", "threat", "eps")
+
+
+def _names(cell: Cell, field_name: str) -> tuple[str, ...]:
+    """What ``--only FIELD=...`` matches for a cell: the name and the id (or label) as tables show them."""
+    return {
+        "dataset": (cell.dataset.value,),
+        "defense": (cell.defense, cell.defense_id),
+        "attack": (cell.attack, cell.attack_id),
+        "threat": (cell.threat, cell.threat_label),
+        "eps": ("none" if cell.eps is None else f"{cell.eps:g}",),
+    }[field_name]
+
+
+def select(cells: list[Cell], only: list[str]) -> list[Cell]:
+    """The cells matching every ``FIELD=PATTERN[,PATTERN...]`` of ``only`` (shell wildcards; a field matches when
+    any pattern matches its name or id, e.g. ``defense=cq`` or ``defense=cq(n=2*``, ``eps=0.1,0.3``)."""
+    chosen = cells
+    for item in only:
+        field_name, sep, patterns = item.partition("=")
+        if not sep or field_name not in SELECT_FIELDS or not patterns:
+            raise BenchError(f"--only {item}: expected FIELD=PATTERN[,PATTERN...] with FIELD one of "
+                             f"{', '.join(SELECT_FIELDS)}")
+        wanted = patterns.split(",")
+        chosen = [c for c in chosen if any(fnmatchcase(name, pattern) for name in _names(c, field_name)
+                                           for pattern in wanted)]
+    if not chosen:
+        raise BenchError(f"--only {' --only '.join(only)} selects none of the suite's {len(cells)} cells")
+    return chosen
 
 
 def _hash(data: dict[str, Any]) -> str:

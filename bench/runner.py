@@ -25,7 +25,7 @@ from bench import leaderboard
 from bench.errors import BenchError, Interrupted
 from bench.evaluate import Context, error_record, record_base
 from bench.executors import Executor, LocalExecutor
-from bench.grid import Cell, expand
+from bench.grid import Cell, expand, select
 from bench.progress import bar as progress_bar
 from bench.results import ResultsStore, write_text
 from bench.settings import Settings
@@ -106,21 +106,27 @@ def _ctrl_c_stops(stop: Event) -> Iterator[None]:
 
 
 def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None, fresh: bool = False,
-        executor: Executor | None = None, progress: bool = True) -> RunSummary:
-    """Run every pending cell of ``suite`` into ``out`` and render the leaderboard; see module docstring."""
+        executor: Executor | None = None, progress: bool = True, only: list[str] | None = None) -> RunSummary:
+    """Run every pending cell of ``suite`` into ``out`` and render the leaderboard; see module docstring.
+
+    ``only`` (``--only``) restricts the run to the cells :func:`bench.grid.select` picks; the plan, the
+    leaderboard and the records of the other cells stay the whole suite's, so slices run one after another fill
+    the same grid."""
     start = time.perf_counter()
     settings = replace(settings, plugins=suite.plugins)
-    cells = plan(suite, limit)
+    plan_cells = plan(suite, limit)
+    cells = select(plan_cells, only) if only else plan_cells
     stop = Event()
     driver = Context(settings, stop=stop)
     check_data(cells, driver)
-    wanted = {c.key for c in cells}
+    wanted = {c.key for c in plan_cells}
+    chosen_keys = {c.key for c in cells}
     with ResultsStore(out) as store:
         write_text(out / leaderboard.PLAN, json.dumps({"suite": suite.name, "cells": sorted(wanted)}, indent=0) + "\n")
         records = store.records()
         done: dict[str, dict[str, Any]] = {}
         for r in records:
-            if not fresh and r["cell_id"] in wanted and r.get("error") is None:
+            if r["cell_id"] in wanted and r.get("error") is None and not (fresh and r["cell_id"] in chosen_keys):
                 done.setdefault(r["cell_id"], r)
         stale = [r for r in records if done.get(r["cell_id"]) is not r]
         if stale:
@@ -132,13 +138,13 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
         pending = [c for c in cells if c.key not in done]
         if fresh:
             _forget_models(pending, driver)
-        summary = RunSummary(total=len(cells), resumed=len(done))
+        summary = RunSummary(total=len(cells), resumed=len(cells) - len(pending))
         by_compute = {r["compute_id"]: r for r in done.values()}
         twins: dict[str, list[Cell]] = {}
         for cell in pending:
             twins.setdefault(cell.compute_key, []).append(cell)
         to_compute = [group[0] for key, group in twins.items() if key not in by_compute]
-        bar = progress_bar(total=len(cells), initial=len(done), desc=suite.name, unit="cell", disable=not progress)
+        bar = progress_bar(total=len(cells), initial=summary.resumed, desc=suite.name, unit="cell", disable=not progress)
 
         def finish(record: dict[str, Any]) -> None:
             store.append(record)

@@ -62,3 +62,11 @@ def test_no_progress_silences_every_bar(tmp_path: Path, bench_env: dict[str, str
     result = bench("run", str(suite), "--out", str(tmp_path / "out"), "--no-progress", env=env)
     assert result.returncode == 0, result.stderr
     assert "train mnist" not in result.stderr and "batch" not in result.stderr
+
+
+@pytest.mark.parametrize(("only", "needles"), [("colour=red", ("colour", "FIELD=PATTERN")),
+                                                ("defense=qusec*", ("selects none", "4 cells"))])
+def test_bad_only_exits_2_with_one_line(tmp_path: Path, bench_env: dict[str, str], only: str,
+                                        needles: tuple[str, ...]) -> None:
+    path = tiny_suite(tmp_path / "s.toml")
+    one_line_error(bench("run", str(path), "--only", only, "--dry-run", env=bench_env), *needles)

@@ -168,3 +168,21 @@ def test_a_resumed_run_trains_nothing_even_with_an_empty_cache(tmp_path: Path, d
     assert summary.computed == 0 and summary.resumed == 4
     assert ctx.models.calls["trainings"] == 0 and ctx.models.calls["model"] == 0
     assert (tmp_path / "out" / "plots" / "mnist-adversarial-examples.png").is_file()
+
+
+def test_only_runs_a_slice_and_slices_fill_the_same_grid(tmp_path: Path, data_dir: Path, cache_dir: Path) -> None:
+    suite, out = load_suite(tiny_suite(tmp_path / "s.toml")), tmp_path / "out"
+    first = run(suite, out, settings(data_dir, cache_dir), progress=False, only=["threat=wb", "eps=0.3"])
+    assert (first.total, first.computed) == (1, 1)
+    assert [(r["threat_label"], r["eps"]) for r in lines(out)] == [("wb", 0.3)]
+    assert len(json.loads((out / leaderboard.PLAN).read_text())["cells"]) == 4  # the plan is the whole suite's
+    assert "1 of 4" in (out / "leaderboard.md").read_text()
+    second = run(suite, out, settings(data_dir, cache_dir), progress=False, only=["eps=0.1,0.3", "threat=wb"])
+    assert (second.resumed, second.computed) == (1, 1)
+    rest = run(suite, out, settings(data_dir, cache_dir), progress=False)
+    assert (rest.resumed, rest.computed) == (2, 2) and len(lines(out)) == 4
+    again = run(suite, out, settings(data_dir, cache_dir), progress=False, only=["threat=bpda"], fresh=True)
+    assert (again.resumed, again.computed) == (0, 2)
+    assert not (out / "cells.stale.jsonl").exists() or all(
+        json.loads(line)["threat"] == "bpda" for line in (out / "cells.stale.jsonl").read_text().splitlines())
+    assert len(lines(out)) == 4  # --fresh with --only recomputed the slice and kept the other cells
