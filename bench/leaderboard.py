@@ -65,13 +65,17 @@ def is_sanity(r: dict[str, Any]) -> bool:
 def worst_case(cells: Sequence[dict[str, Any]], max_eps: float | None) -> float | None:
     """Fraction of images correct clean and under every attack in ``cells`` within L∞ ``max_eps`` (None: every
     bounded attack below the sanity budget); minimum-norm attacks without a bound and sanity cells never count."""
-    chosen = [r for r in cells if r["eps"] is not None and not is_sanity(r)
-              and (max_eps is None or (r["norm"] == "linf" and r["eps"] <= max_eps))]
-    if not chosen:
+    return survivors([r for r in cells if r["eps"] is not None and not is_sanity(r)
+                      and (max_eps is None or (r["norm"] == "linf" and r["eps"] <= max_eps))])
+
+
+def survivors(cells: Sequence[dict[str, Any]]) -> float | None:
+    """Fraction of images correct clean and under every one of ``cells`` (same images), None for no cells."""
+    if not cells:
         return None
-    n = chosen[0]["n"]
+    n = cells[0]["n"]
     survived = np.ones(n, dtype=bool)
-    for r in chosen:
+    for r in cells:
         survived &= unpack_mask(r["robust_mask"], n) & unpack_mask(r["clean_mask"], n)
     return float(survived.mean())
 

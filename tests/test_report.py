@@ -103,3 +103,16 @@ def test_paper_mnist_limit_200_report_follows_its_cells(tmp_path: Path, bench_en
     assert report.verdict(c, c.figures(fooled)) in ("reproduced only without adaptive attacks", "not reproduced")
     survived = [{**r, "robust_acc": r["clean_acc"], "robust_mask": r["clean_mask"]} for r in records]
     assert report.verdict(c, c.figures(survived)) == "reproduced"
+
+
+def test_jsma_claim_adaptive_figure_is_the_per_image_worst_case_of_its_jsma_cells() -> None:
+    """JSMA is an L0 attack: the adaptive figure of "JSMA is not countered" combines the defense's JSMA cells per
+    image (here white-box keeps images 0-2, BPDA images 2-5: only image 2 survives both) and ignores L∞ cells."""
+    c = claim("MNIST: JSMA is not countered")
+    wb = qcell("cq(n=2,z=50)", "jsma", "whitebox", None, 3, norm="l0")
+    bpda = {**qcell("cq(n=2,z=50)", "jsma", "bpda", None, 0, norm="l0"),
+            "robust_mask": pack_mask([i in (2, 3, 4, 5) for i in range(N)]), "robust_acc": 4 / N}
+    linf = qcell("cq(n=2,z=50)", "pgd", "bpda", 0.3, N)
+    figures = c.figures([wb, bpda, linf])
+    assert figures.whitebox == 3 / N and figures.adaptive == 1 / N and "(bpda, wb)" in figures.note
+    assert report.verdict(c, figures) == "reproduced"
