@@ -86,7 +86,8 @@ def defense_bars(records: list[dict[str, Any]], out: Path) -> list[Path]:
         for i, threat in enumerate(threats):
             values = [next((100 * r["robust_acc"] for r in cells if r["defense"] == d and r["threat_label"] == threat),
                            float("nan")) for d in defenses]
-            bars = ax.bar([k + i * width for k in range(len(defenses))], values, width, label=THREAT_NAME.get(threat, threat))
+            bars = ax.bar([k + i * width for k in range(len(defenses))], values, width,
+                          label=THREAT_NAME.get(threat, threat))
             ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(defenses))], defenses, rotation=35, ha="right",
                       fontsize=7)

@@ -144,7 +144,8 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
         for cell in pending:
             twins.setdefault(cell.compute_key, []).append(cell)
         to_compute = [group[0] for key, group in twins.items() if key not in by_compute]
-        bar = progress_bar(total=len(cells), initial=summary.resumed, desc=suite.name, unit="cell", disable=not progress)
+        bar = progress_bar(total=len(cells), initial=summary.resumed, desc=suite.name, unit="cell",
+                           disable=not progress)
 
         def finish(record: dict[str, Any]) -> None:
             store.append(record)
