@@ -235,7 +235,7 @@ def write(out: Path, records: list[dict[str, Any]] | None = None) -> Path:
     check_compatible(latest, str(out / "cells.jsonl"))
     write_text(out / "leaderboard.md", render(records, planned(out)))
     write_text(out / "cells.csv", csv_frame(records).to_csv(index=False))
-    plots.write(latest, out / "plots")
+    plots.write(latest, out / "plots", worst_case)
     sheet.write(latest, out / "plots")
     return out / "leaderboard.md"
 

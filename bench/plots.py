@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ THREAT_STYLE: dict[str, tuple[Any, str]] = {
     "bb": ("-.", "dash-dot"), "obl": (":", "dotted"),
 }
 OTHER_STYLE = ((0, (1, 4)), "sparse dots")  # a plug-in threat's curve
+WORST_LABEL = "worst case (every attack)"
+WorstCase = Callable[[list[dict[str, Any]], float], float | None]
 THREAT_NAME = {"wb": "white-box", "bpda": "BPDA", "bpda-soft": "BPDA (soft)", "bb": "black-box", "obl": "oblivious"}
 
 
@@ -34,36 +37,57 @@ def _grid(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("purpose", "grid") == "grid" and r.get("error") is None]
 
 
-def accuracy_vs_eps(records: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Per dataset and L∞ attack: robust accuracy against eps, one colour per defense, one line style per threat
-    (the paper's Figs. 5 and 6, with the adaptive BPDA curve added)."""
+def accuracy_vs_eps(records: list[dict[str, Any]], out: Path, worst: WorstCase) -> list[Path]:
+    """Per dataset and L∞ attack: robust accuracy against eps, one panel per defense, one line per threat, and in
+    black the per-image worst case over every attack run on the defense at that eps (``worst``, the leaderboard's
+    rule): the paper's Figs. 5 and 6 with the oblivious and adaptive curves beside the white-box one."""
+    grid = _grid(records)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in _grid(records):
+    for r in grid:
         if r["eps"] is not None and r["norm"] == "linf" and r["eps"] < 1.0 and not r["targeted"]:
             groups[(r["dataset"], r["attack"])].append(r)
     written = []
     for (dataset, attack), cells in sorted(groups.items()):
-        if len({r["eps"] for r in cells}) < 2:
+        eps_values = sorted({r["eps"] for r in cells})
+        if len(eps_values) < 2:
             continue
-        fig, ax = plt.subplots(figsize=(11, 4.8))
         defenses = list(dict.fromkeys(r["defense"] for r in cells))
-        colours = plt.get_cmap("tab20")(range(len(defenses)))
         threats = _threats(cells)
-        for colour, defense in zip(colours, defenses, strict=True):
+        colours = dict(zip(threats, plt.get_cmap("tab10")(range(len(threats))), strict=True))
+        cols = min(4, len(defenses))
+        rows = -(-len(defenses) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows + 0.9), sharex=True, sharey=True,
+                                 squeeze=False)
+        for ax, defense in zip(axes.flat, defenses, strict=False):
             for threat in threats:
                 line = sorted((r["eps"], r["robust_acc"]) for r in cells if r["defense"] == defense
                               and r["threat_label"] == threat)
                 if line:
-                    ax.plot([e for e, _ in line], [100 * a for _, a in line],
-                            linestyle=THREAT_STYLE.get(threat, OTHER_STYLE)[0], color=colour, marker="o", markersize=3,
-                            label=f"{defense} ({THREAT_NAME.get(threat, threat)})")
-        ax.set_xlabel("ε (L∞, pixel scale [0, 1])")
-        ax.set_ylabel("accuracy under attack (%)")
-        ax.set_ylim(-2, 102)
-        styles = ", ".join(f"{THREAT_STYLE.get(t, OTHER_STYLE)[1]} {THREAT_NAME.get(t, t)}" for t in threats)
-        ax.set_title(f"{dataset}: {attack} — {styles}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside: never on data
+                    ax.plot([e for e, _ in line], [100 * a for _, a in line], color=colours[threat],
+                            linestyle=THREAT_STYLE.get(threat, OTHER_STYLE)[0], marker="o", markersize=3,
+                            linewidth=3 if threat == "wb" else 1.5,  # visible under an equal BPDA line
+                            label=THREAT_NAME.get(threat, threat))
+            mine = [r for r in grid if r["dataset"] == dataset and r["defense"] == defense]
+            bottom = [(e, worst(mine, e)) for e in eps_values]
+            ax.plot([e for e, v in bottom if v is not None], [100 * v for _, v in bottom if v is not None],
+                    color="black", linewidth=2, label=WORST_LABEL)
+            ax.set_title(_wrap(defense, 48), fontsize=7)
+            ax.set_ylim(-2, 102)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+        for ax in axes.flat[len(defenses):]:
+            ax.set_visible(False)
+        for column in axes.T:  # the lowest panel of each column carries the eps axis
+            lowest = [ax for ax in column if ax.get_visible()][-1]
+            lowest.set_xlabel("ε (L∞, pixel scale [0, 1])", fontsize=7)
+            lowest.tick_params(labelbottom=True)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("accuracy under attack (%)", fontsize=7)
+        handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+        fig.suptitle(f"{dataset}: {attack} — one panel per defense", fontsize=9)
+        fig.tight_layout()
+        fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=len(handles), fontsize=7,
+                   bbox_to_anchor=(0.5, 0.0), frameon=False)  # below the panels, kept by bbox_inches="tight"
         written.append(_save(fig, out / file_name(dataset, attack, "accuracy-vs-eps")))
     return written
 
@@ -153,6 +177,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def write(records: list[dict[str, Any]], out: Path) -> list[Path]:
-    """All record-based figures of ``records`` into ``out`` (``OUT/plots``)."""
-    return accuracy_vs_eps(records, out) + defense_bars(records, out)
+def write(records: list[dict[str, Any]], out: Path, worst: WorstCase) -> list[Path]:
+    """All record-based figures of ``records`` into ``out`` (``OUT/plots``); ``worst``: the per-image worst case
+    of a defense's cells within an eps (:func:`bench.leaderboard.worst_case`)."""
+    return accuracy_vs_eps(records, out, worst) + defense_bars(records, out)

@@ -151,7 +151,7 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_corrupted_cells_files_through_every_reader(out: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     """500 files, without the figures (the test below draws them; drawing the example sheet made each file cost
     about a second)."""
-    monkeypatch.setattr(plots, "write", lambda records, where: [])
+    monkeypatch.setattr(plots, "write", lambda records, where, worst: [])
     monkeypatch.setattr(sheet, "write", lambda records, where: [])
     readers(out, data)
 

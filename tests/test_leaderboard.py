@@ -133,19 +133,28 @@ def test_a_partial_run_says_how_many_cells_are_done(tmp_path: Any) -> None:
     assert "Partial" not in leaderboard.render([done], {done["cell_id"]}) and leaderboard.planned(tmp_path / "x") is None
 
 
-def test_accuracy_vs_eps_draws_every_threat_including_oblivious_and_plug_ins(monkeypatch: pytest.MonkeyPatch,
-                                                                             tmp_path: Path) -> None:
+def test_accuracy_vs_eps_draws_every_threat_and_the_worst_case_per_defense(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    """One panel per defense; a line per threat, the oblivious one and a plug-in's included; in black the
+    per-image worst case over every attack within each eps (here images 0 and 1 stand under PGD, only image 0
+    under the plug-in threat, none under FGSM at 0.3)."""
     drawn: list[Any] = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
     cells = [cell("d", "pgd", threat, eps, [0, 1]) for threat in ("whitebox", "bpda", "oblivious")
              for eps in (0.1, 0.3)]
     cells += [{**cell("d", "pgd", "whitebox", eps, [0]), "threat_label": "mine", "cell_id": f"m{eps}"}
               for eps in (0.1, 0.3)]
-    plots.accuracy_vs_eps(cells, tmp_path)
-    plots.defense_bars(cells, tmp_path)
-    curves, bars = drawn
-    lines = {line.get_label(): line.get_linestyle() for line in curves.axes[0].get_lines()}
-    assert set(lines) == {"d (white-box)", "d (BPDA)", "d (oblivious)", "d (mine)"}
-    assert len({lines["d (white-box)"], lines["d (BPDA)"], lines["d (oblivious)"]}) == 3  # a line style per threat
-    assert "dotted oblivious" in curves.axes[0].get_title()
+    cells += [cell("d", "fgsm", "whitebox", 0.3, []), cell("e", "pgd", "whitebox", 0.1, [0, 1, 2]),
+              cell("e", "pgd", "whitebox", 0.3, [0])]
+    plots.write(cells, tmp_path, leaderboard.worst_case)
+    curves, *_ = drawn
+    panel_d, panel_e = (ax for ax in curves.axes if ax.get_visible())
+    assert (panel_d.get_title(), panel_e.get_title()) == ("d", "e")
+    lines = {line.get_label(): line for line in panel_d.get_lines()}
+    assert set(lines) == {"white-box", "BPDA", "oblivious", "mine", plots.WORST_LABEL}
+    assert len({lines[t].get_linestyle() for t in ("white-box", "BPDA", "oblivious")}) == 3  # a style per threat
+    assert list(lines[plots.WORST_LABEL].get_ydata()) == [100 / N, 0.0]
+    worst_e = next(line for line in panel_e.get_lines() if line.get_label() == plots.WORST_LABEL)
+    assert list(worst_e.get_ydata()) == [100 * 3 / N, 100 / N]
+    bars = drawn[-1]
     assert [t.get_text() for t in bars.axes[0].get_legend().get_texts()] == ["white-box", "BPDA", "oblivious", "mine"]
