@@ -37,6 +37,13 @@ def _grid(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("purpose", "grid") == "grid" and r.get("error") is None]
 
 
+def dataset_label(dataset: str, cells: list[dict[str, Any]]) -> str:
+    """The dataset's name in a figure title, marked when the records say its files are not the official release,
+    so that a figure copied out of the report still says so."""
+    return dataset + (" (data: NOT the official release)" if any(r.get("data_official") is False for r in cells)
+                      else "")
+
+
 def accuracy_vs_eps(records: list[dict[str, Any]], out: Path, worst: WorstCase) -> list[Path]:
     """Per dataset and L∞ attack: robust accuracy against eps, one panel per defense, one line per threat, and in
     black the per-image worst case over every attack run on the defense at that eps (``worst``, the leaderboard's
@@ -84,7 +91,7 @@ def accuracy_vs_eps(records: list[dict[str, Any]], out: Path, worst: WorstCase) 
         for ax in axes[:, 0]:
             ax.set_ylabel("accuracy under attack (%)", fontsize=7)
         handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
-        fig.suptitle(f"{dataset}: {attack} — one panel per defense", fontsize=9)
+        fig.suptitle(f"{dataset_label(dataset, cells)}: {attack} — one panel per defense", fontsize=9)
         fig.tight_layout()
         fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=len(handles), fontsize=7,
                    bbox_to_anchor=(0.5, 0.0), frameon=False)  # below the panels, kept by bbox_inches="tight"
@@ -118,7 +125,7 @@ def defense_bars(records: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_ylabel("accuracy under attack (%)")
         ax.set_ylim(0, 108)  # room for the value printed above a full bar
         ax.set_yticks(range(0, 101, 20))
-        ax.set_title(f"{dataset}: {attack}" + ("" if eps is None else f" at ε = {eps:g}"))
+        ax.set_title(f"{dataset_label(dataset, cells)}: {attack}" + ("" if eps is None else f" at ε = {eps:g}"))
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
         written.append(_save(fig, out / file_name(dataset, attack, *([] if eps is None else [f"eps{eps:g}"]), "bars")))

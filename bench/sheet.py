@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.plots import example_sheet, file_name
+from bench.plots import dataset_label, example_sheet, file_name
 
 IMAGES = 4
 
@@ -77,7 +77,7 @@ def write(records: Iterable[dict[str, Any]], out: Path) -> list[Path]:
         if not rows:
             continue
         first = chosen[0]
-        title = (f"{dataset}: clean / adversarial ({first['attack']}, white-box, ε = {first['eps']:g}) / after the "
+        title = (f"{dataset_label(dataset, chosen)}: clean / adversarial ({first['attack']}, white-box, ε = {first['eps']:g}) / after the "
                  f"defense's preprocessing — prediction of the defended model (probability)")
         written.append(example_sheet(rows, labels, title, out / file_name(dataset, "adversarial-examples")))
     return written

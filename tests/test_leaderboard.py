@@ -158,3 +158,18 @@ def test_accuracy_vs_eps_draws_every_threat_and_the_worst_case_per_defense(monke
     assert list(worst_e.get_ydata()) == [100 * 3 / N, 100 / N]
     bars = drawn[-1]
     assert [t.get_text() for t in bars.axes[0].get_legend().get_texts()] == ["white-box", "BPDA", "oblivious", "mine"]
+
+
+def test_figures_of_an_unofficial_dataset_copy_say_so_in_their_title(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """The CIFAR-10 copy on the project's machines is not the official release; its figures carry that in the
+    title (from the records' ``data_official``), an official copy's do not."""
+    drawn: list[Any] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    for official in (False, True):
+        drawn.clear()
+        cells = [{**cell("d", "pgd", "whitebox", eps, [0]), "data_official": official} for eps in (0.1, 0.3)]
+        plots.write(cells, tmp_path, leaderboard.worst_case)
+        curves, bars = drawn
+        titles = [curves.get_suptitle(), bars.axes[0].get_title()]
+        assert all(("NOT the official release" in t) is not official for t in titles), titles
