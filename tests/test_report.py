@@ -116,3 +116,13 @@ def test_jsma_claim_adaptive_figure_is_the_per_image_worst_case_of_its_jsma_cell
     figures = c.figures([wb, bpda, linf])
     assert figures.whitebox == 3 / N and figures.adaptive == 1 / N and "(bpda, wb)" in figures.note
     assert report.verdict(c, figures) == "reproduced"
+
+
+def test_undefended_cw_claim_shows_the_worst_case_within_the_cw_bound() -> None:
+    """C&W-L2 leaves 5 of N images on the undefended CNN, PGD within the same L∞ bound none: the claim (0 %) is
+    not reproduced by C&W, and the adaptive column says that a stronger attack within the bound does reach it."""
+    records = [qcell("none", "cw_l2", "whitebox", 0.1, 5, attack_params={"target": "none"}),
+               qcell("none", "pgd", "whitebox", 0.1, 0), qcell("none", "pgd", "whitebox", 0.3, N)]
+    figures = claim("MNIST, C&W-L2, undefended").figures(records)
+    assert (figures.whitebox, figures.adaptive) == (5 / N, 0.0) and "within ε 0.1" in figures.note
+    assert report.verdict(claim("MNIST, C&W-L2, undefended"), figures) == "not reproduced"
