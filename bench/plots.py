@@ -122,6 +122,7 @@ def defense_bars(records: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(defenses))], defenses, rotation=35, ha="right",
                       fontsize=7)
+        ax.set_xlabel("defense", fontsize=8)
         ax.set_ylabel("accuracy under attack (%)")
         ax.set_ylim(0, 108)  # room for the value printed above a full bar
         ax.set_yticks(range(0, 101, 20))

@@ -158,6 +158,7 @@ def test_accuracy_vs_eps_draws_every_threat_and_the_worst_case_per_defense(monke
     assert list(worst_e.get_ydata()) == [100 * 3 / N, 100 / N]
     bars = drawn[-1]
     assert [t.get_text() for t in bars.axes[0].get_legend().get_texts()] == ["white-box", "BPDA", "oblivious", "mine"]
+    assert (bars.axes[0].get_xlabel(), bars.axes[0].get_ylabel()) == ("defense", "accuracy under attack (%)")
 
 
 def test_figures_of_an_unofficial_dataset_copy_say_so_in_their_title(monkeypatch: pytest.MonkeyPatch,
