@@ -23,6 +23,7 @@ from bench.attacks import REGISTRY as ATTACKS
 from bench.attacks.base import Runtime
 from bench.bpda import EOT
 from bench.craft import CountingModel, Crafted, attack_batch, choose_targets, craft, logits_of, project
+from bench.crafted import CraftStore, code_digest, model_digest, tensor_digest
 from bench.errors import Interrupted
 from bench.grid import SCORING_REVISION, Cell
 from bench.models import predict
@@ -43,11 +44,13 @@ class Context:
     settings: Settings = field(default_factory=Settings)
     stop: Event = field(default_factory=Event)
     models: Models = field(init=False)
+    crafted: CraftStore = field(init=False)
     _memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         plugins.activate(self.settings.plugins)
         self.models = Models(self.settings, self.stop)
+        self.crafted = CraftStore(self.models.cache.root, read=self.settings.reuse_crafted)
 
     def check_stop(self) -> None:
         if self.stop.is_set():
@@ -159,7 +162,13 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
         if source.shared:
             crafted: Crafted = ctx.shared(
                 ("craft", source.shared, cell.attack, repr(cell.attack_values), label, cell.eps, cell.n, cell.sample),
-                lambda: craft(part, attacked, x[rep], y[rep], targets, cell.eps, part_seed, runtime))
+                lambda: ctx.crafted.get(cell.dataset.value, {
+                    "source": source.shared, "weights": model_digest(attacked), "attack": cell.attack,
+                    "values": repr(cell.attack_values), "component": label, "component_values": repr(part.values),
+                    "eps": cell.eps, "attempts": tensor_digest(x[rep], y[rep], targets), "seed": part_seed,
+                    "batch": runtime.batch, "device": runtime.device, "early_stop": runtime.early_stop,
+                    "code": code_digest(part, attacked)},
+                    lambda: craft(part, attacked, x[rep], y[rep], targets, cell.eps, part_seed, runtime)))
             x_part = crafted.x_adv[todo]
         else:
             crafted = craft(part, attacked, x[rep[todo]], y[rep[todo]],

@@ -113,7 +113,7 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
     leaderboard and the records of the other cells stay the whole suite's, so slices run one after another fill
     the same grid."""
     start = time.perf_counter()
-    settings = replace(settings, plugins=suite.plugins)
+    settings = replace(settings, plugins=suite.plugins, reuse_crafted=settings.reuse_crafted and not fresh)
     plan_cells = plan(suite, limit)
     cells = select(plan_cells, only) if only else plan_cells
     stop = Event()

@@ -49,7 +49,7 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for save in (True, False):
-            settings = Settings(data_dir=args.data_dir, cache_dir=args.cache_dir, save_steps=save)
+            settings = Settings(data_dir=args.data_dir, cache_dir=args.cache_dir, save_steps=save, reuse_crafted=False)
             ctx = Context(settings)
             start = time.perf_counter()
             run(suite, Path(tmp) / str(save), settings, limit=args.limit, executor=LocalExecutor(ctx), progress=False)
