@@ -16,14 +16,11 @@ crafted again; files are replaced atomically; a read-only cache is only read. ``
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import inspect
 import io
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from importlib import metadata
@@ -34,6 +31,8 @@ import torch
 from torch import nn
 
 from bench.craft import Crafted
+from bench.errors import BenchError
+from bench.results import write_bytes
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -55,6 +54,7 @@ def _package_digest() -> str:
                           .encode()).hexdigest()
 
 
+@functools.cache
 def _versions() -> dict[str, str]:
     found = {"torch": torch.__version__}
     for name in ("torchattacks", "adversarial-robustness-toolbox"):
@@ -96,19 +96,6 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` (a unique temporary file: several workers may store at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 class CraftStore:
     """Craftings under ``root/<dataset>/crafted/<key>.pt`` (see the module docstring); ``read`` False: compute
     and store, never reuse (``--fresh``)."""
@@ -131,8 +118,9 @@ class CraftStore:
         torch.save({"key": text, "x_adv": crafted.x_adv, "forwards": crafted.forwards,
                     "backwards": crafted.backwards, "stats": json.dumps(crafted.stats, default=str)}, buffer)
         try:
-            _write(path, buffer.getvalue())
-        except OSError as exc:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(path, buffer.getvalue())
+        except (OSError, BenchError) as exc:
             warnings.warn(f"crafted examples not stored ({exc}); a later run crafts them again", stacklevel=2)
         return crafted
 

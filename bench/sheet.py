@@ -77,7 +77,8 @@ def write(records: Iterable[dict[str, Any]], out: Path) -> list[Path]:
         if not rows:
             continue
         first = chosen[0]
-        title = (f"{dataset_label(dataset, chosen)}: clean / adversarial ({first['attack']}, white-box, ε = {first['eps']:g}) / after the "
-                 f"defense's preprocessing — prediction of the defended model (probability)")
+        title = (f"{dataset_label(dataset, chosen)}: clean / adversarial ({first['attack']}, white-box, "
+                 f"ε = {first['eps']:g}) / after the defense's preprocessing — prediction of the defended model "
+                 f"(probability)")
         written.append(example_sheet(rows, labels, title, out / file_name(dataset, "adversarial-examples")))
     return written
