@@ -37,11 +37,15 @@ def _grid(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("purpose", "grid") == "grid" and r.get("error") is None]
 
 
+def dataset_title(dataset: str, official: bool) -> str:
+    """The dataset's name in a figure title, marked when its files are not the official release, so that a figure
+    copied out of the report still says so."""
+    return dataset + ("" if official else " (data: NOT the official release)")
+
+
 def dataset_label(dataset: str, cells: list[dict[str, Any]]) -> str:
-    """The dataset's name in a figure title, marked when the records say its files are not the official release,
-    so that a figure copied out of the report still says so."""
-    return dataset + (" (data: NOT the official release)" if any(r.get("data_official") is False for r in cells)
-                      else "")
+    """:func:`dataset_title` for the records ``cells``: marked when any of them says its data is not official."""
+    return dataset_title(dataset, all(r.get("data_official") is not False for r in cells))
 
 
 def accuracy_vs_eps(records: list[dict[str, Any]], out: Path, worst: WorstCase) -> list[Path]:

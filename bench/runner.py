@@ -26,6 +26,7 @@ from bench.errors import BenchError, Interrupted
 from bench.evaluate import Context, error_record, record_base
 from bench.executors import Executor, LocalExecutor
 from bench.grid import Cell, expand, select
+from bench.plots import dataset_title
 from bench.progress import bar as progress_bar
 from bench.results import ResultsStore, write_text
 from bench.settings import Settings
@@ -211,7 +212,8 @@ def _defense_plots(cells: list[Cell], ctx: Context, plots: Path) -> None:
             continue
         plots.mkdir(parents=True, exist_ok=True)
         try:
-            defense.plots(ctx.models.model(cell), plots)
+            title = dataset_title(cell.dataset.value, ctx.models.data(cell.dataset).official)
+            defense.plots(ctx.models.model(cell), plots, title)
         except Exception as exc:  # noqa: BLE001 - a defense that failed to train already has error cells
             warnings.warn(f"no figures for {cell.dataset.value} {defense.id}: {type(exc).__name__}: {exc}",
                           stacklevel=2)

@@ -29,6 +29,7 @@ from torch import nn
 from bench import __version__
 from bench.errors import BenchError, Interrupted
 from bench.progress import bar as progress_bar
+from bench.results import write_bytes
 
 BatchHook = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, x, y, progress=fraction done) -> (x, y)
 StepHook = Callable[[nn.Module], None]
@@ -236,10 +237,10 @@ class ModelCache:
             buffer = io.BytesIO()
             torch.save(state, buffer)
             digest = hashlib.sha256(buffer.getvalue()).hexdigest()
-            _write(weights, buffer.getvalue())
+            write_bytes(weights, buffer.getvalue())
             facts = {"key": fields, "train_seconds": round(seconds, 2), "version": __version__, **facts,
                      "weights_sha256": digest}
-            _write(sidecar, (json.dumps(facts, indent=2, default=str) + "\n").encode())
+            write_bytes(sidecar, (json.dumps(facts, indent=2, default=str) + "\n").encode())
             return model.eval(), {**facts, "cached": False}
 
     def _load(self, weights: Path, sidecar: Path, fields: dict[str, Any], build: Callable[[], nn.Module],
@@ -269,7 +270,7 @@ class ModelCache:
             facts = {"key": fields, "version": __version__, **facts, "weights_sha256": digest}
             if writable:
                 with suppress(BenchError):
-                    _write(sidecar, (json.dumps(facts, indent=2, default=str) + "\n").encode())
+                    write_bytes(sidecar, (json.dumps(facts, indent=2, default=str) + "\n").encode())
         return model.eval(), {**facts, "cached": True}
 
 
@@ -305,19 +306,6 @@ def _set_aside(weights: Path, reason: str, writable: bool) -> None:
 def _finite(state: Mapping[str, Any]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state.values()
                if isinstance(t, torch.Tensor) and t.is_floating_point())
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise BenchError(f"{path}: cannot write to the model cache ({exc.strerror or exc})") from None
 
 
 @contextmanager

@@ -96,8 +96,9 @@ class Defense(Component):
         """A detector flagging adversarial inputs (bool per image), or None when the defense does not detect."""
         return None
 
-    def plots(self, model: nn.Module, out_dir: Path) -> list[Path]:
-        """Figures about the trained defense written into ``out_dir`` (e.g. learned thresholds)."""
+    def plots(self, model: nn.Module, out_dir: Path, dataset_title: str) -> list[Path]:
+        """Figures about the trained defense written into ``out_dir`` (e.g. learned thresholds); ``dataset_title``
+        names the dataset in a figure title, marked when its files are not the official release."""
         return []
 
 

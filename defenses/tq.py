@@ -45,7 +45,7 @@ class TrainableQuantization(Defense):
             if isinstance(module, QuantizationLayer):
                 module.project_()
 
-    def plots(self, model: nn.Module, out_dir: Path) -> list[Path]:
+    def plots(self, model: nn.Module, out_dir: Path, dataset_title: str) -> list[Path]:
         """One PNG: the learned per-pixel threshold maps, a panel per threshold (rows: channels on CIFAR-10), each
         with its own colour scale, since training moves thresholds by little compared with their spacing."""
         from matplotlib.figure import Figure
@@ -67,7 +67,7 @@ class TrainableQuantization(Defense):
                 ax.set_xticks([])
                 ax.set_yticks([])
                 fig.colorbar(image, ax=ax, shrink=0.8)
-        fig.suptitle(f"{self.id} learned thresholds, {self.dataset.value}")
+        fig.suptitle(f"{self.id} learned thresholds (pixel scale [0, 1]), {dataset_title}")
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / file_name("tq-thresholds", self.dataset.value, self.id)
         fig.savefig(path, dpi=100)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 from bench import data as data_mod
 from bench.bpda import BPDA, bpda_model
 from bench.cli import main
+from bench.plots import dataset_title
 from bench.train import ModelCache, TrainConfig, fit
 from bench.types import Dataset
 from conftest import DATA
@@ -161,7 +163,11 @@ def test_bench_list_shows_cq_and_tq(capsys: pytest.CaptureFixture[str]) -> None:
     assert "bpda backward: identity/soft" in cq and "bpda backward: identity/soft" in tq
 
 
-def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
+def test_tiny_suite_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    titles: list[str] = []
+    draw = REGISTRY.get("tq").plots
+    monkeypatch.setattr(REGISTRY.get("tq"), "plots", lambda self, model, out, title: titles.append(title) or draw(
+        self, model, out, title))
     suite = tmp_path / "tiny.toml"
     suite.write_text('name = "tiny"\n[datasets.mnist]\nn = 100\nepochs = 1\ntrain_limit = 2000\n'
                      '[[defenses]]\nname = "cq"\nlevels = [2, 4]\n[[defenses]]\nname = "tq"\nlevels = 2\n'
@@ -175,6 +181,20 @@ def test_tiny_suite_end_to_end(tmp_path: Path) -> None:
     assert cells == {(d, t) for d in ("cq(n=2,z=50)", "cq(n=4,z=50)", "tq(n=2,z=5)") for t in ("wb", "bpda")}
     assert all(r["error"] is None and 0 <= r["robust_acc"] <= 1 for r in records)
     assert (out / "plots" / "tq-thresholds-mnist-tq_n=2,z=5_.png").is_file()
+    assert titles == [dataset_title("mnist", records[0]["data_official"])]
+
+
+def test_threshold_figure_title_carries_the_dataset_title(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The learned-threshold figure names the dataset as the runner passes it, so an unofficial copy is marked."""
+    tq = REGISTRY.get("tq")
+    defense = tq(Dataset.CIFAR10, tq.resolve({}, Dataset.CIFAR10))
+    saved: list[str] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.append(fig.get_suptitle()))
+    title = dataset_title("cifar10", official=False)
+    paths = defense.plots(torch.nn.Sequential(defense.preprocess()), tmp_path, title)
+    assert [p.name for p in paths] == ["tq-thresholds-cifar10-tq_n=2,z=5_.png"]
+    assert saved == [f"tq(n=2,z=5) learned thresholds (pixel scale [0, 1]), {title}"]
+    assert "NOT the official release" in title
 
 
 def test_hard_variant_shares_the_trained_weights_of_the_soft_one() -> None:
