@@ -65,19 +65,27 @@ def is_sanity(r: dict[str, Any]) -> bool:
 def worst_case(cells: Sequence[dict[str, Any]], max_eps: float | None) -> float | None:
     """Fraction of images correct clean and under every attack in ``cells`` within L∞ ``max_eps`` (None: every
     bounded attack below the sanity budget); minimum-norm attacks without a bound and sanity cells never count."""
-    return survivors([r for r in cells if r["eps"] is not None and not is_sanity(r)
-                      and (max_eps is None or (r["norm"] == "linf" and r["eps"] <= max_eps))])
+    return survivors(within(cells, max_eps))
 
 
-def survivors(cells: Sequence[dict[str, Any]]) -> float | None:
-    """Fraction of images correct clean and under every one of ``cells`` (same images), None for no cells."""
-    if not cells:
-        return None
+def within(cells: Sequence[dict[str, Any]], max_eps: float | None) -> list[dict[str, Any]]:
+    """The cells of :func:`worst_case` for ``max_eps``."""
+    return [r for r in cells if r["eps"] is not None and not is_sanity(r)
+            and (max_eps is None or (r["norm"] == "linf" and r["eps"] <= max_eps))]
+
+
+def survivor_mask(cells: Sequence[dict[str, Any]]) -> np.ndarray:
+    """Per image: correct clean and under every one of ``cells`` (non-empty, same images)."""
     n = cells[0]["n"]
     survived = np.ones(n, dtype=bool)
     for r in cells:
         survived &= unpack_mask(r["robust_mask"], n) & unpack_mask(r["clean_mask"], n)
-    return float(survived.mean())
+    return survived
+
+
+def survivors(cells: Sequence[dict[str, Any]]) -> float | None:
+    """Fraction of images correct clean and under every one of ``cells`` (same images), None for no cells."""
+    return float(survivor_mask(cells).mean()) if cells else None
 
 
 def headline_eps(records: Sequence[dict[str, Any]]) -> float | None:

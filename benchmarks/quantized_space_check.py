@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.grid import expand
-from bench.leaderboard import is_sanity
+from bench.leaderboard import survivor_mask, within
 from bench.provider import Models
-from bench.results import read_records, unpack_mask
+from bench.results import read_records
 from bench.settings import Settings, available_cores
 from bench.suite import load_suite
 from defenses.cq import QuantizationLayer
@@ -93,12 +93,11 @@ def main() -> int:
                and r["defense"] == args.defense and (args.dataset is None or r["dataset"] == args.dataset)]
     if not records or len({r["dataset"] for r in records}) > 1:
         parser.error(f"{args.results}: need records of {args.defense} on exactly one dataset (see --dataset)")
-    bounded = [r for r in records if r["eps"] is not None and r["norm"] == "linf" and not is_sanity(r)
-               and r["eps"] <= args.eps]
+    bounded = within(records, args.eps)
+    if not bounded:
+        parser.error(f"{args.results}: no cells of {args.defense} within L∞ {args.eps:g}")
     n = records[0]["n"]
-    worst = unpack_mask(records[0]["clean_mask"], n).copy()
-    for r in bounded:
-        worst &= unpack_mask(r["robust_mask"], n)
+    worst = survivor_mask(bounded)
 
     suite = load_suite(args.suite or Path("suites") / f"{records[0]['suite']}.toml")
     models = Models(Settings(data_dir=args.data_dir, cache_dir=args.cache_dir))
