@@ -137,13 +137,13 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
     attacked = EOT(source.model, eot) if eot > 1 else source.model
     start = time.perf_counter()
     seed = _seed(source.shared, cell.attack_id, cell.eps, cell.seed) if source.shared else cell.cell_seed
-    counted_targets = CountingModel(attacked)
+    counted_targets = CountingModel(attacked if source.space is None else model)  # least-likely: on pixels
     rep, targets = choose_targets(attack.target_mode, y, lambda xb: logits_of(counted_targets, xb), x,
                                   torch.Generator().manual_seed(seed))
     forwards = counted_targets.forwards
     runtime = Runtime(batch=settings.batch or attack_batch(cell.dataset, settings.device), device=settings.device,
                       early_stop=settings.save_steps and not threat.transfer and not facts["randomized"],
-                      should_stop=ctx.stop.is_set)
+                      should_stop=ctx.stop.is_set, space=source.space)
     norm = ATTACKS.get(cell.attack).bound_norm()
     parts = attack.components() or [(cell.attack_id, attack)]
     adv, pred = x[rep].clone(), clean[rep].clone()
@@ -174,6 +174,9 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
             crafted = craft(part, attacked, x[rep[todo]], y[rep[todo]],
                             None if targets is None else targets[todo], cell.eps, part_seed, runtime, ids=todo)
             x_part = crafted.x_adv
+        if source.space is not None:
+            device = settings.device
+            x_part = source.space.decode(x_part.to(device), x[rep[todo]].to(device)).cpu()
         x_part = project(x_part, x[rep[todo]], cell.eps, norm)
         p = predict(model, x_part)
         if len(parts) == 1:

@@ -17,7 +17,6 @@ from functools import cached_property
 from typing import Any
 
 from bench.attacks import REGISTRY as ATTACKS
-from bench.attacks.base import EOT
 from bench.errors import BenchError, SuiteError
 from bench.registry import AUTO
 from bench.suite import Suite
@@ -57,8 +56,9 @@ class Cell:
         data["dataset"] = self.dataset.value
         data["train"] = config_dict(self.train)  # training settings added later stay out of the key at their defaults
         data["defense_values"] = self.defense_params
-        if EOT in ATTACKS.get(self.attack).params and self.attack_values.get("eot") == 1:
-            del data["attack_values"]["eot"]  # absent at its default, so keys from before it stay what they were
+        for p in ATTACKS.get(self.attack).params:
+            if not p.keyed_at_default and self.attack_values.get(p.name) == p.default_for(self.dataset):
+                del data["attack_values"][p.name]
         del data["suite"], data["purpose"], data["keep_examples"]
         if self.resilience is None:  # absent unless levels = "auto", so other keys stay what they were
             del data["resilience"]

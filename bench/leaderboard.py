@@ -139,7 +139,7 @@ def tables(records: Iterable[dict[str, Any]]) -> dict[str, tuple[pd.DataFrame, p
 
 
 def _column_order(r: dict[str, Any]) -> tuple[Any, ...]:
-    threat_order = {"whitebox": 0, "bpda": 1, "blackbox": 2, "oblivious": 3}
+    threat_order = {"whitebox": 0, "bpda": 1, "quantized": 2, "blackbox": 3, "oblivious": 4}
     return (r["attack_name"], r["attack"], threat_order.get(r["threat"], 9), r["threat_label"],
             -1 if r["eps"] is None else r["eps"])
 
@@ -178,8 +178,9 @@ def render(records: Iterable[dict[str, Any]], planned: set[str] | None = None) -
     lines = [f"# Leaderboard: {suites}", "", *partial,
              "Accuracy in % on the evaluated test images (higher is better for the defense); an image counts only "
              "if it is classified correctly clean *and* after the attack (AutoAttack's convention). Threats: wb = "
-             "white-box, bpda = white-box through the defense with a differentiable backward approximation, bb = "
-             "black-box transfer from a substitute, obl = oblivious (crafted on the undefended model). eps is L∞ "
+             "white-box, bpda = white-box through the defense with a differentiable backward approximation, qs = "
+             "the classifier attacked on the quantized values the eps ball reaches (CQ/TQ), bb = black-box "
+             "transfer from a substitute, obl = oblivious (crafted on the undefended model). eps is L∞ "
              "in the [0, 1] pixel scale. `worst e`: per image, correct under every attack within eps e; `worst`: "
              "under every bounded attack; sanity cells (eps ≥ 1) enter no worst case. Flags are explained in "
              "docs/flags.md.", ""]

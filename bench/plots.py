@@ -19,12 +19,13 @@ import torch  # noqa: E402
 # threat label → (matplotlib line style, its name in the figure title)
 THREAT_STYLE: dict[str, tuple[Any, str]] = {
     "wb": ("-", "solid"), "bpda": ("--", "dashed"), "bpda-soft": ((0, (6, 2, 1, 2, 1, 2)), "dash-dot-dot"),
-    "bb": ("-.", "dash-dot"), "obl": (":", "dotted"),
+    "qs": ((0, (3, 1, 1, 1)), "dash-dot (dense)"), "bb": ("-.", "dash-dot"), "obl": (":", "dotted"),
 }
 OTHER_STYLE = ((0, (1, 4)), "sparse dots")  # a plug-in threat's curve
 WORST_LABEL = "worst case (every attack)"
 WorstCase = Callable[[list[dict[str, Any]], float], float | None]
-THREAT_NAME = {"wb": "white-box", "bpda": "BPDA", "bpda-soft": "BPDA (soft)", "bb": "black-box", "obl": "oblivious"}
+THREAT_NAME = {"wb": "white-box", "bpda": "BPDA", "bpda-soft": "BPDA (soft)", "qs": "quantized space", "bb": "black-box",
+               "obl": "oblivious"}
 
 
 def _threats(cells: list[dict[str, Any]]) -> list[str]:

@@ -48,7 +48,8 @@ class Param:
     ``in_id`` shows the parameter in the id even at its default (``cq(n=2,z=50)``); ``auto`` also accepts the
     string ``"auto"``; ``inference_only`` marks a defense parameter that changes evaluation but not training,
     so models that differ only in it share their trained weights; ``in_key = False`` keeps a value that does not
-    change the result (where a plug-in file lies) out of cell keys.
+    change the result (where a plug-in file lies) out of cell keys; ``keyed_at_default = False`` keeps an attack
+    parameter out of cell keys at its default, so adding it leaves the keys of stored cells what they were.
     """
 
     name: str
@@ -64,6 +65,7 @@ class Param:
     auto: bool = False
     inference_only: bool = False
     in_key: bool = True
+    keyed_at_default: bool = True
 
     def default_for(self, dataset: Dataset) -> Any:
         return self.default[dataset] if isinstance(self.default, PerDataset) else self.default

@@ -454,6 +454,9 @@ def parse(raw: dict[str, Any], source: str, default_name: str = "suite", base: P
             if not cls.gradient and THREATS.get(threat).gradient_only:
                 raise SuiteError(source, f"{path}.threat", f"{cls.name} uses no gradients, so {threat} does not apply "
                                  f"to it")
+            if not cls.pooled and THREATS.get(threat).pooled_only:
+                raise SuiteError(source, f"{path}.threat", f"{threat} runs only attacks of the harness's step loop "
+                                 f"({', '.join(n for n in ATTACKS.names() if ATTACKS.get(n).pooled)}), not {cls.name}")
         reserved = ("datasets", "eps", "threat")
         attacks += [(path, Entry(cls.name, given, on, eps, threats))
                     for given in _expand(cls, entry, reserved, source, path, top["max_cells"])]

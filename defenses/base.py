@@ -92,6 +92,12 @@ class Defense(Component):
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimiser step (e.g. keep learned thresholds sorted in [0, 1])."""
 
+    def monotone_preprocess(self) -> bool:
+        """True when :meth:`preprocess` maps each pixel on its own by a continuous, increasing function and has an
+        ``inverse(v, lo, hi)`` method: the ``quantized`` threat then attacks the classifier on the exact set of
+        preprocessed inputs an eps ball reaches (:mod:`bench.threats.quantized`)."""
+        return False
+
     def detector(self, model: nn.Module, train_x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """A detector flagging adversarial inputs (bool per image), or None when the defense does not detect."""
         return None

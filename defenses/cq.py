@@ -88,6 +88,17 @@ class QuantizationLayer(nn.Module):
         return torch.sigmoid(self.z * (x.unsqueeze(-1) - self.thresholds)).mean(-1)
 
     @torch.no_grad()
+    def inverse(self, v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Pixels x in [lo, hi] with Q(x) = v, for v in [Q(lo), Q(hi)], by bisection (Q is increasing per pixel;
+        48 halvings reach float32's resolution in [0, 1]). Not for ``hard`` steps, which skip values."""
+        a, b = lo.clone(), hi.clone()
+        for _ in range(48):
+            middle = (a + b) / 2
+            below = self(middle) < v
+            a, b = torch.where(below, middle, a), torch.where(below, b, middle)
+        return (a + b) / 2
+
+    @torch.no_grad()
     def project_(self) -> None:
         """Keep the thresholds sorted and inside [0, 1] (after an optimiser step)."""
         self.thresholds.copy_(self.thresholds.clamp(0.0, 1.0).sort(-1).values)
@@ -123,6 +134,9 @@ class ConstantQuantization(Defense):
               choices=THRESHOLD_KINDS),
         HARD,
     )
+
+    def monotone_preprocess(self) -> bool:
+        return not self.values["hard"]
 
     def preprocess(self) -> nn.Module:
         thresholds = constant_thresholds(checked_levels(self.values), self.values["thresholds"])

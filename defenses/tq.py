@@ -31,6 +31,9 @@ class TrainableQuantization(Defense):
         HARD,
     )
 
+    def monotone_preprocess(self) -> bool:
+        return not self.values["hard"]
+
     def preprocess(self) -> nn.Module:
         levels = checked_levels(self.values)
         c, h, w = self.dataset.shape

@@ -165,6 +165,16 @@ def test_step_loop_keeps_the_first_adversarial_iterate_and_restarts_only_survivo
     assert stats["late_loss_gain"] == pytest.approx(0.1, abs=0.02)  # a steady climb: 10 % in the last 10 %
 
 
+@pytest.mark.parametrize(("decay", "path"), [(False, 0.1), (True, 0.055)])
+def test_step_loop_linear_schedule_shrinks_each_step(decay: bool, path: float) -> None:
+    """Every pixel's gradient sign is the same at every step, so the image moves by the sum of the steps:
+    10 × 0.01 constant, or 0.01 · (1 − t/10) summed over t = 0..9 with the linear schedule."""
+    half = torch.full((2, 1, 4, 4), 0.5)
+    adv, _ = iterate(_Linear(1.0), half, torch.zeros(2, dtype=torch.long), None, eps=0.5, alpha=0.01, steps=10,
+                     random_start=False, restarts=1, runtime=Runtime(batch=8), decay=decay)
+    assert torch.allclose(adv, half - path, atol=1e-6)
+
+
 def test_step_loop_ends_an_image_whose_gradient_is_exactly_zero_with_the_same_result() -> None:
     """A rounding defense has a zero input gradient: the sign step cannot move the image, so stopping it at once
     must give exactly what taking every step gives, for far fewer steps (restarts still run)."""

@@ -42,6 +42,15 @@ def test_valid_suite_expands_to_its_grid(tmp_path: Path) -> None:
     assert bpda.compute_key == white.key and bpda.cell_seed == white.cell_seed
 
 
+def test_quantized_threat_has_cells_only_for_continuous_monotone_quantizers(tmp_path: Path) -> None:
+    text = BASE.replace('name = "none"', 'name = "none"\n[[defenses]]\nname = "cq"\nhard = [false, true]\n'
+                        '[[defenses]]\nname = "tq"\n[[defenses]]\nname = "squeeze"')
+    text = text.replace('name = "fgsm"', 'name = "pgd"').replace('"bpda"', '"quantized"')
+    cells = expand(load_suite(write(tmp_path, text)))
+    assert {c.defense_id for c in cells if c.threat == "quantized"} == {"cq(n=2,z=50)", "tq(n=2,z=5)"}
+    assert {c.threat_label for c in cells if c.threat == "quantized"} == {"qs"}
+
+
 def test_a_revised_attack_gets_new_cell_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Raising an adapter's revision (a fix that changes its results) changes its cells' keys, so a results
     directory recomputes them instead of resuming; an adapter never revised keeps the keys it always had."""
@@ -60,7 +69,9 @@ def test_a_revised_attack_gets_new_cell_keys(tmp_path: Path, monkeypatch: pytest
     (BASE.replace("eps = [0.1, 0.3]", 'eps = "big"'), "attacks[0].eps", "expected a number"),
     (BASE.replace("n = 100", "n = 0"), "datasets.mnist.n", "≥ 1"),
     (BASE.replace("n = 100", "n = 1.5"), "datasets.mnist.n", "expected an integer"),
-    (BASE.replace('"bpda"', '"greybox"'), "attacks[0].threat", "expected one of blackbox, bpda, oblivious, whitebox"),
+    (BASE.replace('"bpda"', '"greybox"'), "attacks[0].threat",
+     "expected one of blackbox, bpda, oblivious, quantized, whitebox"),
+    (BASE.replace('"bpda"', '"quantized"'), "attacks[0].threat", "runs only attacks of the harness's step loop (bim, pgd)"),
     (BASE.replace("[datasets.mnist]", "[datasets.svhn]"), "datasets.svhn", "unknown key"),
     (BASE + "[blackbox]\nrounds = 99\n", "blackbox.rounds", "in [0, 10]"),
     (BASE.replace("eps = [0.1, 0.3]", "eps = []"), "attacks[0].eps", "empty list"),

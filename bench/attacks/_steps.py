@@ -15,7 +15,9 @@ torchattacks' PGD/BIM step exactly (sign of the cross-entropy gradient, projecti
   result is that iterate; the steps it skips change nothing;
 - a restart (a fresh random start) runs only for the images that survived all previous ones;
 - an image's random start depends only on the cell's seed, its id (``runtime.ids``) and the restart, never on
-  which other images share its batch, so the savings change no trajectory: they only end it sooner.
+  which other images share its batch, so the savings change no trajectory: they only end it sooner;
+- with ``runtime.space`` (a threat that changes the attacked model's input per image, such as ``quantized``), the
+  model gets ``space(iterate, image)``, which only a loop that knows each row's image can give it.
 
 Besides the images, it reports ``late_loss_gain``: over the images that survived every step, the share of the
 loss gain of their last run that came in its last 10 % of steps (Pintor et al. 2022: a loss still rising at the
@@ -33,9 +35,10 @@ from bench.errors import Interrupted
 
 
 def iterate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, *, eps: float,
-            alpha: float, steps: int, random_start: bool, restarts: int,
-            runtime: Runtime) -> tuple[torch.Tensor, dict[str, float]]:
-    """Adversarial versions of ``x`` (on the CPU) and the loop's statistics; see the module docstring."""
+            alpha: float, steps: int, random_start: bool, restarts: int, runtime: Runtime,
+            decay: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """Adversarial versions of ``x`` (on the CPU) and the loop's statistics; see the module docstring. Every step
+    has size ``alpha``, or with ``decay`` step t (from 0) has ``alpha`` · (1 − t / steps)."""
     device = runtime.device
     n = len(x)
     out = x.clone()
@@ -70,7 +73,7 @@ def iterate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Te
             origin = torch.cat([origin, x[new].to(device)])
             current = torch.cat([current, start.to(device)])
         current.requires_grad_(True)
-        logits = model(current)
+        logits = model(current if runtime.space is None else runtime.space(current, origin))
         with torch.no_grad():
             pred = logits.argmax(1).cpu()
             per_image = F.cross_entropy(logits, goal[idx].to(device), reduction="none").cpu()
@@ -99,7 +102,9 @@ def iterate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Te
             waiting.extend(reversed([(int(i), int(r) + 1) for i, r in zip(idx[again], run[again], strict=True)]))
         if go.any():
             keep = go.to(device)
-            stepped = current[keep] + alpha * grad[keep].sign()
+            rate = alpha * (1 - step[go].to(current.dtype) / steps).view(-1, *[1] * (current.dim() - 1)).to(device) \
+                if decay else alpha
+            stepped = current[keep] + rate * grad[keep].sign()
             delta = (stepped - origin[keep]).clamp(-eps, eps)
             current = (origin[keep] + delta).clamp(0, 1)
             origin = origin[keep]

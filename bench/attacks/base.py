@@ -31,18 +31,21 @@ class Runtime:
     ``early_stop``: a pooled attack may drop an image once the attacked model's verdict decides it (true only when
     that model's forward pass is the defended model's and deterministic); ``should_stop`` is polled between
     batches (Ctrl-C); ``ids`` names each attempt of the batch stably within its cell (random starts follow it, so
-    an image gets the same start whichever other images are attacked with it)."""
+    an image gets the same start whichever other images are attacked with it); ``space`` is the threat's per-image
+    change of the attacked model's input (:attr:`bench.threats.base.Source.space`): a pooled attack feeds the model
+    ``space(iterate, image)`` instead of the iterate."""
 
     batch: int = 256
     device: str = "cpu"
     early_stop: bool = True
     should_stop: Callable[[], bool] = field(default=_never)
     ids: torch.Tensor | None = None
+    space: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 EOT = Param("eot", int, 1, "Expectation over Transformation: gradients (and losses) on the mean logits of this many "
             "forward passes, for randomized defenses; bpda picks 10 by itself for a randomized custom defense",
-            low=1, high=1000)
+            low=1, high=1000, keyed_at_default=False)
 
 
 def target_param(default: str = "none", modes: tuple[str, ...] = TARGET_MODES) -> Param:

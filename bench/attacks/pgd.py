@@ -19,8 +19,8 @@ class PGD(Attack):
     Madry-lab robustness library's rule: the path is 2.5·eps long, enough to cross the ball from a random start,
     for every eps and for the doubled steps of the convergence check); 1 restart. With ``restarts`` > 1 each
     further run starts afresh only on the images not yet fooled, and an image keeps the first adversarial example
-    found for it (AutoAttack's per-sample worst case). Example: ``{ name = "pgd", eps = [0.1, 0.3], steps = 100,
-    restarts = 5 }``.
+    found for it (AutoAttack's per-sample worst case). ``step_schedule = "linear"`` lets the step fall from alpha to
+    alpha/steps. Example: ``{ name = "pgd", eps = [0.1, 0.3], steps = 100, restarts = 5 }``.
     """
 
     name = "pgd"
@@ -33,6 +33,9 @@ class PGD(Attack):
               positive=True, high=100.0),
         Param("random_start", bool, True, "start from a uniform random point of the eps ball"),
         Param("restarts", int, 1, "runs from fresh random starts, each on the images not fooled yet", low=1),
+        Param("step_schedule", str, "constant", "constant: every step alpha; linear: step t has alpha·(1 − t/steps), "
+              "large moves first, then refinement (with step_size = steps the first step is eps; what PGD in the "
+              "quantized space needs)", choices=("constant", "linear"), keyed_at_default=False),
         target_param(),
     )
 
@@ -41,5 +44,5 @@ class PGD(Attack):
         v = self.values
         adv, self.stats = iterate(model, x, y, target, eps=eps, alpha=v["step_size"] * eps / v["steps"],
                                   steps=v["steps"], random_start=v["random_start"], restarts=v["restarts"],
-                                  runtime=self.runtime)
+                                  runtime=self.runtime, decay=v["step_schedule"] == "linear")
         return adv

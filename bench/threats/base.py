@@ -10,8 +10,9 @@ may own a suite table of settings (``[blackbox]``, ``[bpda]``) declared as ``par
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import torch
 from torch import nn
 
 from bench.registry import Component, Registry
@@ -22,6 +23,19 @@ if TYPE_CHECKING:
     from defenses.base import Defense
 
 
+class InputSpace(Protocol):
+    """A per-image change of variables for the attack (see :class:`Source`)."""
+
+    def __call__(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The attacked model's input for the attack's iterate ``x`` of ``image`` (differentiable in ``x``)."""
+        ...
+
+    def decode(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Pixels within the iterate's eps ball on which the defended model computes what the attacked model
+        computes on ``self(x, image)``."""
+        ...
+
+
 @dataclass
 class Source:
     """What a cell's attack runs on.
@@ -29,12 +43,15 @@ class Source:
     ``model`` is the network the attacker differentiates or queries. ``shared`` names crafted examples that do
     not depend on the defense (the same undefended model or substitute for every defense): cells with the same
     ``shared`` key reuse one crafting run. ``extra`` holds fields for the cell's record. ``eot`` > 1: gradient
-    attacks run on the mean of that many forward passes (Expectation over Transformation).
+    attacks run on the mean of that many forward passes (Expectation over Transformation). ``space``: the attack's
+    iterates are not the pixels themselves; ``model`` gets ``space(iterate, image)`` and the runner scores
+    ``space.decode(iterate, image)`` (only the harness's step loop, :attr:`Threat.pooled_only`, supports it).
     """
 
     model: nn.Module
     shared: str | None = None
     eot: int = 1
+    space: InputSpace | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -44,6 +61,8 @@ class Threat(Component):
     ``short`` is the label in tables. ``gradient_only`` threats refuse gradient-free attacks (``bpda`` changes only
     the backward pass). ``transfer`` threats craft on another model than the defended one: the attack cannot stop
     an image early on its own model's verdict, and the examples are crafted on every evaluated image.
+    ``pooled_only`` threats give the attack a :attr:`Source.space`, which only pooled attacks (the harness's step
+    loop) take.
     ``params`` are the settings of the threat's suite table (named like the threat); a parameter named in
     ``list_params`` may be a list there, each value a variant of the threat (see ``variants``).
     """
@@ -52,6 +71,7 @@ class Threat(Component):
     list_params: ClassVar[tuple[str, ...]] = ()
     gradient_only: ClassVar[bool] = False
     transfer: ClassVar[bool] = False
+    pooled_only: ClassVar[bool] = False
 
     @classmethod
     def variants(cls, defense: Defense, settings: dict[str, Any]) -> list[dict[str, Any]]:
