@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-MASKING_MARGIN = 0.05  # bpda / black-box / gradient-free beats plain white-box by more than this
+MASKING_MARGIN = 0.05  # any other threat or a gradient-free attack beats plain white-box by more than this
 SINGLE_ITER_MARGIN = 0.02  # a single-step attack beats an iterative one by more than this
 NOT_CONVERGED_MARGIN = 0.02  # doubling PGD steps lowers accuracy by more than this
 NO_ZERO_LEVEL = 0.05  # accuracy an unbounded (eps >= 1) PGD must reach
