@@ -34,8 +34,9 @@ class PGD(Attack):
         Param("random_start", bool, True, "start from a uniform random point of the eps ball"),
         Param("restarts", int, 1, "runs from fresh random starts, each on the images not fooled yet", low=1),
         Param("step_schedule", str, "constant", "constant: every step alpha; linear: step t has alpha·(1 − t/steps), "
-              "large moves first, then refinement (with step_size = steps the first step is eps; what PGD in the "
-              "quantized space needs)", choices=("constant", "linear"), keyed_at_default=False),
+              "large moves first, then refinement (with step_size = steps the first step is eps; it finds what the "
+              "constant step misses through BPDA and in the quantized space, README 'Threat models')",
+              choices=("constant", "linear"), keyed_at_default=False),
         target_param(),
     )
 
