@@ -339,8 +339,9 @@ def render(records: Records, grids: dict[str, tuple[int, int | None] | None] | N
         "Verdicts: a figure reproduces the paper's when it is within "
         f"{100 * TOLERANCE:.0f} points of it (or meets the claim's qualitative test). *Reproduced* needs a white-box "
         "or black-box figure and the adaptive figure (the per-image worst case over every attack we ran at that "
-        "budget: BPDA, AutoAttack, gradient-free) to agree; *reproduced only without adaptive attacks*: the plain "
-        "figure agrees but the adaptive one does not; *reproduced only against an oblivious attacker*: only the "
+        "budget: BPDA, the quantized space, AutoAttack, gradient-free) to agree; *reproduced only without adaptive "
+        "attacks*: the plain figure agrees but the adaptive one does not; *reproduced only against an oblivious "
+        "attacker*: only the "
         "figure of examples crafted on the undefended CNN agrees. Shares (TQ vs CQ, level trend) are fractions of "
         "matched cells, shown in %; gains and drops are in points.", "",
         *[f"- data {d}: {provenance[d]}" for d in datasets],
