@@ -63,8 +63,7 @@ def build_suite(model: Ref | None = None, preprocess: Ref | None = None, dataset
     entries = []
     for attack in attacks:
         cls = ATTACKS.get(attack)
-        usable = [t for t in threats if (cls.gradient or not THREATS.get(t).gradient_only)
-                  and (cls.pooled or not THREATS.get(t).pooled_only)]
+        usable = [t for t in threats if THREATS.get(t).refusal(cls) is None]
         entries.append({"name": attack, "threat": usable, **({"eps": list(eps)} if cls.bounded else {})})
     found = {b for b in bases if b is not None}
     if len(found) > 1:

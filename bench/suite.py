@@ -451,12 +451,9 @@ def parse(raw: dict[str, Any], source: str, default_name: str = "suite", base: P
         on = _datasets_filter(entry, available, source, path)
         eps, threats = _eps_list(entry, cls, source, path), _threats(entry, source, path)
         for threat in threats:
-            if not cls.gradient and THREATS.get(threat).gradient_only:
-                raise SuiteError(source, f"{path}.threat", f"{cls.name} uses no gradients, so {threat} does not apply "
-                                 f"to it")
-            if not cls.pooled and THREATS.get(threat).pooled_only:
-                raise SuiteError(source, f"{path}.threat", f"{threat} runs only attacks of the harness's step loop "
-                                 f"({', '.join(n for n in ATTACKS.names() if ATTACKS.get(n).pooled)}), not {cls.name}")
+            refusal = THREATS.get(threat).refusal(cls)
+            if refusal:
+                raise SuiteError(source, f"{path}.threat", refusal)
         reserved = ("datasets", "eps", "threat")
         attacks += [(path, Entry(cls.name, given, on, eps, threats))
                     for given in _expand(cls, entry, reserved, source, path, top["max_cells"])]

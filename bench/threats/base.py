@@ -74,6 +74,18 @@ class Threat(Component):
     pooled_only: ClassVar[bool] = False
 
     @classmethod
+    def refusal(cls, attack: type[Any]) -> str | None:
+        """Why this threat cannot run the attack class ``attack`` (a suite error's text), or None when it can."""
+        if cls.gradient_only and not attack.gradient:
+            return f"{attack.name} uses no gradients, so {cls.name} does not apply to it"
+        if cls.pooled_only and not attack.pooled:
+            from bench.attacks import REGISTRY as ATTACKS
+
+            pooled = ", ".join(n for n in ATTACKS.names() if ATTACKS.get(n).pooled)
+            return f"{cls.name} runs only attacks of the harness's step loop ({pooled}), not {attack.name}"
+        return None
+
+    @classmethod
     def variants(cls, defense: Defense, settings: dict[str, Any]) -> list[dict[str, Any]]:
         """The ``threat_params`` of the cells of one (defense, attack): one dict per variant of the threat."""
         return [dict(settings)]
