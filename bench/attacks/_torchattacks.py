@@ -1,4 +1,17 @@
-"""What the adapters over torchattacks' AutoAttack family (APGD, APGD-T, FAB) share: seeds, the call, parameters."""
+"""What the adapters over torchattacks' AutoAttack family (APGD, APGD-T, FAB) share: seeds, the call, parameters,
+and the runs they can skip.
+
+Against a model whose input Jacobian is exactly zero (a rounding defense such as bit-depth squeezing or DQA,
+white-box) these attacks cannot move: APGD's first step from its random start is ``sign(0) = 0`` and its momentum
+starts at zero, so every iterate is the start; FAB projects onto a linearised boundary whose normal is zero, gets
+a zero step and stays at the clean image. torchattacks would still take every step (AutoAttack white-box on the
+PGD-trained DQA: 1.86 million gradient steps, 4,158 s on one core, for what Square alone decided). Written by
+hand because torchattacks has no such exit: :func:`apgd_frozen` and :func:`fab_frozen` return what the attack
+would return (the same seed, the same random starts from the same RNG calls, the global RNG left as the attack
+leaves it; APGD's projection moves its iterate by float rounding only, so an image's point may differ from the
+attack's by that, never its verdict), for one forward and backward pass per run, and None, after at most that,
+where the Jacobian is not zero at every point the attack would start from (the caller then runs the attack).
+"""
 
 from __future__ import annotations
 
@@ -47,6 +60,60 @@ def training_flags_kept(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.training = training
+
+
+def frozen(model: nn.Module, points: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per point: the model's whole input Jacobian is zero there, the logits). Tested on the gradient of a random
+    Gaussian combination of the logits: exactly zero wherever the Jacobian is, and, where it is not, zero only
+    with probability 0. A model whose logits carry no graph at all counts as not frozen (the attack decides)."""
+    points = points.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(points)
+        if not logits.requires_grad:
+            return torch.zeros(len(points), dtype=torch.bool, device=points.device), logits.detach()
+        weights = torch.randn(logits.shape, generator=generator).to(logits.device)
+        (grad,) = torch.autograd.grad((logits * weights).sum(), points)
+    return (grad.flatten(1) == 0).all(1), logits.detach()
+
+
+def apgd_frozen(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int,
+                runs: int) -> torch.Tensor | None:
+    """torchattacks.APGD's or APGDT's L∞ output (``runs``: restarts, times targets for APGD-T) where the model's
+    Jacobian is zero at every random start: each run draws the starts of the images not fooled yet exactly as
+    ``attack_single_run`` does, and an image keeps the first start the model misclassifies. None where a start
+    (or, checked first, the first clean image) has a non-zero Jacobian."""
+    generator = torch.Generator().manual_seed(seed)
+    if not frozen(model, x[:1], generator)[0].all():
+        return None
+    with torch.no_grad():
+        standing = model(x).max(1)[1] == y
+    adv = x.clone()
+    torch.manual_seed(seed)  # as APGD.perturb / APGDT.perturb
+    for _ in range(runs):
+        ind = standing.nonzero().flatten()
+        if not len(ind):
+            continue
+        xs = x[ind]
+        t = 2 * torch.rand(xs.shape).to(x.device).detach() - 1
+        start = (xs + eps * torch.ones([xs.shape[0], 1, 1, 1]).to(x.device) * t
+                 / t.reshape([t.shape[0], -1]).abs().max(dim=1, keepdim=True)[0].reshape([-1, 1, 1, 1])).clamp(0.0, 1.0)
+        stuck, logits = frozen(model, start, generator)
+        if not stuck.all():
+            return None
+        fooled = logits.max(1)[1] != y[ind]
+        standing[ind[fooled]] = False
+        adv[ind[fooled]] = start[fooled]
+    return adv
+
+
+def fab_frozen(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor | None:
+    """torchattacks.FAB's output with one restart (no random start) where the model's Jacobian is zero at every
+    clean image: the images themselves. None otherwise (checked on the first image first)."""
+    generator = torch.Generator().manual_seed(seed)
+    if not frozen(model, x[:1], generator)[0].all() or (len(x) > 1 and not frozen(model, x[1:], generator)[0].all()):
+        return None
+    torch.manual_seed(seed)  # as FAB.perturb
+    return x.clone()
 
 
 def call(attack: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,9 @@ class APGDCE(Attack):
     best point. Defaults are AutoAttack's (fra31/auto-attack): 100 steps, 1 restart, rho 0.75, eot 1 (its
     ``rand`` version uses 20 against randomized defenses). Only images the model classifies correctly are
     attacked; each restart runs on those not fooled yet, and a fooled image keeps the last iterate the model
-    misclassified. torchattacks 3.5.1 reproduces the reference APGDAttack bit for bit here (same seed, 1-epoch
+    misclassified. With the harness's step savings on a deterministic model whose input Jacobian is exactly zero
+    at every start (a rounding defense, white-box), no step could move an image, and the adapter returns the
+    misclassified starts without taking the steps (``bench.attacks._torchattacks``). torchattacks 3.5.1 reproduces the reference APGDAttack bit for bit here (same seed, 1-epoch
     MNIST CNN, 64 images, eps 0.1 and 0.3). torchattacks reseeds the torch RNG with its ``seed`` argument; the
     adapter draws it from the torch RNG, which the runner seeds per cell. L∞ only: the harness projects with the
     class's ``norm``, so APGD-L2 would be an adapter of its own.
@@ -34,6 +36,11 @@ class APGDCE(Attack):
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | None,
                 target: torch.Tensor | None) -> torch.Tensor:
         v = self.values
+        seed = ta.seed()
+        if self.runtime.early_stop and v["eot"] == 1:
+            frozen = ta.apgd_frozen(model, x, y, eps, seed, runs=v["restarts"])
+            if frozen is not None:
+                return frozen
         attack = torchattacks.APGD(model, norm="Linf", eps=eps, steps=v["steps"], n_restarts=v["restarts"],
-                                   seed=ta.seed(), loss="ce", eot_iter=v["eot"], rho=v["rho"])
+                                   seed=seed, loss="ce", eot_iter=v["eot"], rho=v["rho"])
         return ta.call(attack, model, x, y)

@@ -28,8 +28,9 @@ def _never() -> bool:
 @dataclass
 class Runtime:
     """How the harness runs an attack (not part of its parameters): ``batch`` images per step on ``device``;
-    ``early_stop``: a pooled attack may drop an image once the attacked model's verdict decides it (true only when
-    that model's forward pass is the defended model's and deterministic); ``should_stop`` is polled between
+    ``early_stop``: an attack may skip the work that the attacked model's verdict or zero gradient already decides
+    (a pooled attack drops a decided image; true only when that model's forward pass is the defended model's and
+    deterministic); ``should_stop`` is polled between
     batches (Ctrl-C); ``ids`` names each attempt of the batch stably within its cell (random starts follow it, so
     an image gets the same start whichever other images are attacked with it); ``space`` is the threat's per-image
     change of the attacked model's input (:attr:`bench.threats.base.Source.space`): a pooled attack feeds the model
