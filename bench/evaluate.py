@@ -216,6 +216,7 @@ def run_cell(cell: Cell, ctx: Context) -> dict[str, Any]:
         **({"eot": eot} if eot > 1 else {}),
         "shared_crafting": bool(source.shared),
         "model_test_acc": models.model_facts(cell).get("test_acc"),
+        "weights": models.weights_digest(cell),
         "data_official": data.official, "data_provenance": data.provenance, "device": settings.device,
         "attack_seconds": round(attack_seconds, 3), "error": None,
     }

@@ -20,7 +20,8 @@ TRANSFER_MARGIN = 0.02  # black-box beats white-box (same attack, same eps) by m
 NO_GRAD_LEVEL = 0.01  # input gradient zero or non-finite for more than this fraction of the evaluated images
 UNSTABLE_LEVEL = 0.05  # share of the loss gain of surviving images that came in the attack's last 10 % of steps
 
-CODES = ("masking", "single>iter", "not-converged", "no-zero", "transfer>wb", "no-grad", "random", "unstable-loss")
+CODES = ("masking", "single>iter", "not-converged", "no-zero", "transfer>wb", "no-grad", "random", "unstable-loss",
+         "mixed-weights")
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,29 @@ def _check(cells: list[dict[str, Any]]) -> Iterable[tuple[str, str]]:
                                     f"{_pct(base['robust_acc'])} → {check['attack']} {_pct(check['robust_acc'])} "
                                     f"with doubled steps")
     yield from _probes(cells)
+    yield from _models(cells)
     unbounded = [r for r in grid if r["attack_name"] == "pgd" and r["eps"] is not None and r["eps"] >= 1.0
                  and r["threat"] in ("whitebox", "bpda")]
     strongest = _best(unbounded)
     if strongest and strongest["robust_acc"] > NO_ZERO_LEVEL:
         yield "no-zero", (f"{_label(strongest)} leaves {_pct(strongest['robust_acc'])} correct at an unbounded "
                           f"budget: the attack, not the defense, is failing")
+
+
+def _models(cells: list[dict[str, Any]]) -> Iterable[tuple[str, str]]:
+    """Cells of one defense computed on differently trained weights (``weights`` digests, or for records of an
+    older harness ``model_test_acc``): their per-image worst case mixes models. ``bench run`` recomputes such
+    cells; merged or hand-copied records can still carry it."""
+    field = "weights" if all(r.get("weights") for r in cells) else "model_test_acc"
+    seen: dict[Any, int] = defaultdict(int)
+    for r in cells:
+        if r.get(field) is not None:
+            seen[r[field]] += 1
+    if len(seen) > 1:
+        counted = ", ".join(f"{k} ({v} cells)" for k, v in sorted(seen.items(), key=lambda kv: -kv[1]))
+        yield "mixed-weights", (f"cells computed on {len(seen)} differently trained models ({field} {counted}): the "
+                                f"worst case combines them; run the suite again to recompute the cells of other "
+                                f"weights than the cached model")
 
 
 def _probes(cells: list[dict[str, Any]]) -> Iterable[tuple[str, str]]:

@@ -98,6 +98,21 @@ class Models:
         """What the cache knows of the cell's model: ``test_acc`` (full test set), ``train_seconds``, ``cached``."""
         return self._trained(cell)[1]
 
+    def weights_digest(self, cell: Cell) -> str | None:
+        """The first 16 hex digits of the sha256 of the trained weights the cell evaluates (None for a user's
+        classifier, whose suite entry pins its sha256)."""
+        digest = self.model_facts(cell).get("weights_sha256")
+        return digest[:16] if digest else None
+
+    def cached_facts(self, cell: Cell) -> dict[str, Any] | None:
+        """The sidecar facts of the cell's trained model if the cache holds it (nothing is loaded or trained);
+        None for a user's classifier or a model not trained yet."""
+        if cell.model is not None:
+            return None
+        if self.defense(cell).shares_weights_with_none:
+            cell = replace(cell, defense="none", defense_values={})
+        return self.cache.facts(cell.dataset.value, self.model_label(cell), self.model_fields(cell))
+
     def _trained(self, cell: Cell) -> tuple[nn.Module, dict[str, Any]]:
         return self._cached(("model", cell.dataset, cell.defense, repr(cell.defense_values), repr(cell.train),
                              cell.seed), lambda: self._load_or_train(cell))

@@ -129,6 +129,10 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
         for r in records:
             if r["cell_id"] in wanted and r.get("error") is None and not (fresh and r["cell_id"] in chosen_keys):
                 done.setdefault(r["cell_id"], r)
+        by_key = {c.key: c for c in plan_cells}
+        retrained = _on_other_weights(list(done.values()), by_key, driver)
+        for r in retrained:
+            del done[r["cell_id"]]
         stale = [r for r in records if done.get(r["cell_id"]) is not r]
         if stale:
             store.rewrite(list(done.values()), stale)
@@ -136,6 +140,8 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
             if outdated:
                 warnings.warn(f"{outdated} records in {store.path} are not part of this suite's grid (settings "
                               f"changed?); moved to cells.stale.jsonl", stacklevel=2)
+            _warn_retrained(retrained, store.path, "computed again" if only is None else
+                            "computed again where --only selects them")
         pending = [c for c in cells if c.key not in done]
         if fresh:
             _forget_models(pending, driver)
@@ -171,11 +177,54 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
         finally:
             bar.close()
         all_records = store.records()
+        retrained = _on_other_weights([r for r in all_records if r["cell_id"] in by_key and r.get("error") is None],
+                                      by_key, driver)
+        if retrained:
+            moved = {id(r) for r in retrained}
+            all_records = [r for r in all_records if id(r) not in moved]
+            store.rewrite(all_records, retrained)
+            _warn_retrained(retrained, store.path, "run again to compute them")
     leaderboard.write(out, all_records)
     if not summary.interrupted:
         _defense_plots(cells, driver, out / "plots")
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _on_other_weights(records: list[dict[str, Any]], cells: dict[str, Cell], ctx: Context) -> list[dict[str, Any]]:
+    """The records whose cell's defended model, as the cache holds it now, has other weights than the record was
+    computed on (a model lost from the cache and retrained on another device, say): the per-image worst case may
+    only combine cells of one model. Records of a model not in the cache cannot be compared and stay (they are
+    compared once a run has trained it). Records of an older harness carry no ``weights`` digest: for them the
+    model's test accuracy (``model_test_acc``, 4 digits on the full test set) stands in; it told apart all ten
+    pairs of MNIST models trained here on 1 and on 2 threads."""
+    facts: dict[str, dict[str, Any] | None] = {}
+    other = []
+    for r in records:
+        cell = cells[r["cell_id"]]
+        if cell.model is not None:
+            continue
+        model = repr(ctx.models.artifact("model", cell))
+        if model not in facts:
+            facts[model] = ctx.models.cached_facts(cell)
+        now = facts[model]
+        if now is None:
+            continue
+        if r.get("weights") is not None:
+            differs = r["weights"] != str(now.get("weights_sha256", ""))[:16]
+        else:
+            differs = r.get("model_test_acc") is not None and r["model_test_acc"] != now.get("test_acc")
+        if differs:
+            other.append(r)
+    return other
+
+
+def _warn_retrained(records: list[dict[str, Any]], path: Path, then: str) -> None:
+    if records:
+        names = sorted({f"{r['dataset']} {r['defense']}" for r in records})
+        warnings.warn(f"{len(records)} records in {path} were computed on other weights than the cached model of "
+                      f"{', '.join(names)} (retrained differently since): moved to cells.stale.jsonl; {then}",
+                      stacklevel=3)
 
 
 def same_as(source: dict[str, Any], cell: Cell) -> dict[str, Any]:

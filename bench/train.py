@@ -40,6 +40,13 @@ StepHook = Callable[[nn.Module], None]
 # warm-up and trained on clean images.
 TRAIN_CODE_VERSION = 2
 
+# CPU training runs on this many intra-op threads whatever the machine: the thread count sets the order of float
+# sums in the convolutions, so the weights depend on it (measured: 1 and 2 threads train different MNIST CNNs from
+# the same seed; 2 threads give the same weights on one core under ``taskset`` as on two, no slower than 1).
+# Fixed, a model lost from the cache is retrained to the same weights, which the cells already computed on it
+# need (the runner recomputes cells whose weights differ from the cached model's).
+TRAIN_THREADS = 2
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -129,7 +136,20 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, se
     the shuffling and every random draw follow ``seed``.
 
     ``should_stop`` is polled between batches; when it returns True, :class:`~bench.errors.Interrupted` is raised.
+    On the CPU it runs on ``TRAIN_THREADS`` threads.
     """
+    threads = torch.get_num_threads()
+    if not str(device).startswith("cuda"):
+        torch.set_num_threads(TRAIN_THREADS)
+    try:
+        _fit(model, x, y, cfg, seed, batch_hook, step_hook, device, desc, should_stop)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
+         batch_hook: BatchHook | None, step_hook: StepHook | None, device: str, desc: str,
+         should_stop: Callable[[], bool] | None) -> None:
     if cfg.train_limit:
         x, y = x[:cfg.train_limit], y[:cfg.train_limit]
     generator = torch.Generator().manual_seed(seed)
@@ -198,6 +218,18 @@ class ModelCache:
 
     def exists(self, dataset: str, label: str, fields: dict[str, Any]) -> bool:
         return self.paths(dataset, label, cache_key(fields))[0].is_file()
+
+    def facts(self, dataset: str, label: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """The sidecar of a cached model (None when there is no checkpoint or no readable sidecar), unverified:
+        ``get_or_train`` checks it against the weights when it loads them."""
+        weights, sidecar = self.paths(dataset, label, cache_key(fields))
+        if not weights.is_file():
+            return None
+        try:
+            facts = json.loads(sidecar.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return None
+        return facts if isinstance(facts, dict) else None
 
     def remove(self, dataset: str, label: str, fields: dict[str, Any]) -> None:
         """Forget a trained model (``--fresh``)."""

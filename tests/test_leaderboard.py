@@ -174,3 +174,14 @@ def test_figures_of_an_unofficial_dataset_copy_say_so_in_their_title(monkeypatch
         curves, bars = drawn
         titles = [curves.get_suptitle(), bars.axes[0].get_title()]
         assert all(("NOT the official release" in t) is not official for t in titles), titles
+
+
+def test_mixed_weights_fires_when_one_defenses_cells_come_from_two_trainings() -> None:
+    def on(weights: str | None, test_acc: float, tag: str) -> dict[str, Any]:
+        return cell("cq", "pgd", "whitebox", 0.3, [0, 1], weights=weights, model_test_acc=test_acc, tag=tag)
+
+    assert "mixed-weights" not in codes([on("aa", 0.99, "1"), on("aa", 0.99, "2")])
+    assert "mixed-weights" in codes([on("aa", 0.99, "1"), on("bb", 0.99, "2")])
+    assert "mixed-weights" not in codes([on(None, 0.99, "1"), on("aa", 0.99, "2")])  # an older record: by accuracy
+    assert "mixed-weights" in codes([on(None, 0.993, "1"), on("aa", 0.9917, "2")])
+    assert "mixed-weights" not in codes([on("aa", 0.99, "1"), cell("tq", "pgd", "whitebox", 0.3, [0], weights="bb")])

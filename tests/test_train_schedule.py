@@ -156,3 +156,33 @@ def test_batch_hooks_see_the_training_progress_with_or_without_bars(monkeypatch:
     x, y = torch.rand(40, 1, 28, 28), torch.randint(0, 10, (40,))
     fit(CleverhansCNN((1, 28, 28)), x, y, TrainConfig(epochs=2, batch_size=10), seed=0, batch_hook=hook)
     assert seen == [step / 8 for step in range(8)]
+
+
+def test_the_weights_do_not_depend_on_the_threads_of_the_process(data_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread count sets the order of float sums: a model lost from the cache must retrain to the weights its
+    stored cells were computed on whatever the process runs on (taskset, another core count), so fit trains on
+    TRAIN_THREADS; with the process's own count, 1 and 2 threads give different weights."""
+    mnist = data_mod.load(Dataset.MNIST, data_dir)
+    cfg = TrainConfig(epochs=1, lr=0.004, lr_schedule="onecycle", train_limit=1500)
+    before = torch.get_num_threads()
+
+    def weights(threads: int) -> list[torch.Tensor]:
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        model = CleverhansCNN((1, 28, 28))
+        fit(model, mnist.train.x, mnist.train.y, cfg, seed=0)
+        assert torch.get_num_threads() == threads  # restored
+        return list(model.state_dict().values())
+
+    def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+        return all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+    try:
+        assert same(weights(1), weights(2))
+        monkeypatch.setattr(train, "TRAIN_THREADS", 1)
+        one = weights(2)
+        monkeypatch.setattr(train, "TRAIN_THREADS", 2)
+        assert not same(one, weights(2))
+    finally:
+        torch.set_num_threads(before)
