@@ -1,8 +1,9 @@
 """``bench run``: suite → grid → pending cells → executor → results store → leaderboard.
 
 Resume is the default: cells already in ``OUT/cells.jsonl`` (by key) are not recomputed; error records are
-retried. Records of cells that are no longer in the grid (the suite changed) and, with ``--fresh``, all old
-records are moved to ``OUT/cells.stale.jsonl``: nothing is deleted. Ctrl-C stops after the current batch.
+retried. Records of cells that are no longer in the grid (the suite changed), records computed on other weights
+than the model now in the cache (retrained differently) and, with ``--fresh``, all old records are moved to
+``OUT/cells.stale.jsonl``: nothing is deleted. Ctrl-C stops after the current batch.
 """
 
 from __future__ import annotations
