@@ -31,6 +31,12 @@ from defenses import REGISTRY as DEFENSES
 from defenses.base import Defense
 
 
+def weights_digest(facts: dict[str, Any]) -> str | None:
+    """A record's ``weights``: the first 16 hex digits of a model's ``weights_sha256`` fact (None without one)."""
+    digest = facts.get("weights_sha256")
+    return digest[:16] if digest else None
+
+
 class Models:
     """Per-process memo of data and trained models; ``calls`` counts what was actually computed (``trainings``,
     ``clean``, ...); ``stop`` interrupts training between batches."""
@@ -101,8 +107,7 @@ class Models:
     def weights_digest(self, cell: Cell) -> str | None:
         """The first 16 hex digits of the sha256 of the trained weights the cell evaluates (None for a user's
         classifier, whose suite entry pins its sha256)."""
-        digest = self.model_facts(cell).get("weights_sha256")
-        return digest[:16] if digest else None
+        return weights_digest(self.model_facts(cell))
 
     def cached_facts(self, cell: Cell) -> dict[str, Any] | None:
         """The sidecar facts of the cell's trained model if the cache holds it (nothing is loaded or trained);

@@ -29,6 +29,7 @@ from bench.executors import Executor, LocalExecutor
 from bench.grid import Cell, expand, select
 from bench.plots import dataset_title
 from bench.progress import bar as progress_bar
+from bench.provider import weights_digest
 from bench.results import ResultsStore, write_text
 from bench.settings import Settings
 from bench.suite import Suite
@@ -212,7 +213,7 @@ def _on_other_weights(records: list[dict[str, Any]], cells: dict[str, Cell], ctx
         if now is None:
             continue
         if r.get("weights") is not None:
-            differs = r["weights"] != str(now.get("weights_sha256", ""))[:16]
+            differs = r["weights"] != weights_digest(now)
         else:
             differs = r.get("model_test_acc") is not None and r["model_test_acc"] != now.get("test_acc")
         if differs:

@@ -22,8 +22,9 @@ class APGDCE(Attack):
     attacked; each restart runs on those not fooled yet, and a fooled image keeps the last iterate the model
     misclassified. With the harness's step savings on a deterministic model whose input Jacobian is exactly zero
     at every start (a rounding defense, white-box), no step could move an image, and the adapter returns the
-    misclassified starts without taking the steps (``bench.attacks._torchattacks``). torchattacks 3.5.1 reproduces the reference APGDAttack bit for bit here (same seed, 1-epoch
-    MNIST CNN, 64 images, eps 0.1 and 0.3). torchattacks reseeds the torch RNG with its ``seed`` argument; the
+    misclassified starts without taking the steps (``bench.attacks._torchattacks``). torchattacks 3.5.1
+    reproduces the reference APGDAttack bit for bit here (same seed, 1-epoch MNIST CNN, 64 images, eps 0.1 and
+    0.3). torchattacks reseeds the torch RNG with its ``seed`` argument; the
     adapter draws it from the torch RNG, which the runner seeds per cell. L∞ only: the harness projects with the
     class's ``norm``, so APGD-L2 would be an adapter of its own.
     Example: ``{ name = "apgd_ce", eps = [0.1, 0.3], restarts = 5 }``.
