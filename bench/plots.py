@@ -38,6 +38,13 @@ def _grid(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("purpose", "grid") == "grid" and r.get("error") is None]
 
 
+def _defenses(cells: list[dict[str, Any]], grid: list[dict[str, Any]]) -> list[str]:
+    """The defenses of ``cells`` in the order they first appear in the whole ``grid`` (the suite's order for a run
+    in one go), so that every figure of a results directory shows them in the same order."""
+    present = {r["defense"] for r in cells}
+    return [d for d in dict.fromkeys(r["defense"] for r in grid) if d in present]
+
+
 def dataset_title(dataset: str, official: bool) -> str:
     """The dataset's name in a figure title, marked when its files are not the official release, so that a figure
     copied out of the report still says so."""
@@ -63,7 +70,7 @@ def accuracy_vs_eps(records: list[dict[str, Any]], out: Path, worst: WorstCase) 
         eps_values = sorted({r["eps"] for r in cells})
         if len(eps_values) < 2:
             continue
-        defenses = list(dict.fromkeys(r["defense"] for r in cells))
+        defenses = _defenses(cells, grid)
         threats = _threats(cells)
         colours = dict(zip(threats, plt.get_cmap("tab10")(range(len(threats))), strict=True))
         cols = min(4, len(defenses))
@@ -96,6 +103,7 @@ def accuracy_vs_eps(records: list[dict[str, Any]], out: Path, worst: WorstCase) 
         for ax in axes[:, 0]:
             ax.set_ylabel("accuracy under attack (%)", fontsize=7)
         handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+        handles[WORST_LABEL] = handles.pop(WORST_LABEL)  # the threats' lines first, whichever panel drew them
         fig.suptitle(f"{dataset_label(dataset, cells)}: {attack} — one panel per defense", fontsize=9)
         fig.tight_layout()
         fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=len(handles), fontsize=7,
@@ -107,15 +115,16 @@ def accuracy_vs_eps(records: list[dict[str, Any]], out: Path, worst: WorstCase) 
 def defense_bars(records: list[dict[str, Any]], out: Path) -> list[Path]:
     """Per dataset and attack (at its largest eps below 1): bars per defense, one bar per threat model
     (the paper's Figs. 9-11)."""
+    grid = _grid(records)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in _grid(records):
+    for r in grid:
         if r["eps"] is None or r["eps"] < 1.0:
             groups[(r["dataset"], r["attack"])].append(r)
     written = []
     for (dataset, attack), cells in sorted(groups.items()):
         eps = max((r["eps"] for r in cells if r["eps"] is not None), default=None)
         cells = [r for r in cells if r["eps"] == eps]
-        defenses = list(dict.fromkeys(r["defense"] for r in cells))
+        defenses = _defenses(cells, grid)
         threats = _threats(cells)
         width = 0.8 / len(threats)
         fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(defenses) + 2), 4.5))

@@ -161,6 +161,23 @@ def test_accuracy_vs_eps_draws_every_threat_and_the_worst_case_per_defense(monke
     assert (bars.axes[0].get_xlabel(), bars.axes[0].get_ylabel()) == ("defense", "accuracy under attack (%)")
 
 
+def test_every_figure_orders_the_defenses_as_the_results_directory_does(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """A resumed run appends an attack's cells in the order they were computed (here e's before d's); its panels and
+    bars still follow the order in which the defenses first appear in the whole directory (d, e). The legend lists
+    the threats' lines, then the worst case, whichever panel drew them first."""
+    drawn: list[Any] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    cells = [cell(d, "fgsm", "whitebox", eps, [0]) for d in ("d", "e") for eps in (0.1, 0.3)]
+    cells += [cell(d, "pgd", threat, eps, [0]) for d, threat in (("e", "whitebox"), ("d", "bpda"))
+              for eps in (0.1, 0.3)]
+    plots.write(cells, tmp_path, leaderboard.worst_case)
+    pgd_curves, pgd_bars = drawn[1], drawn[3]
+    assert [ax.get_title() for ax in pgd_curves.axes if ax.get_visible()] == ["d", "e"]
+    assert [t.get_text() for t in pgd_curves.legends[0].get_texts()] == ["BPDA", "white-box", plots.WORST_LABEL]
+    assert [t.get_text() for t in pgd_bars.axes[0].get_xticklabels()] == ["d", "e"]
+
+
 def test_figures_of_an_unofficial_dataset_copy_say_so_in_their_title(monkeypatch: pytest.MonkeyPatch,
                                                                       tmp_path: Path) -> None:
     """The CIFAR-10 copy on the project's machines is not the official release; its figures carry that in the
