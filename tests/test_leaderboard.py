@@ -202,3 +202,12 @@ def test_mixed_weights_fires_when_one_defenses_cells_come_from_two_trainings() -
     assert "mixed-weights" not in codes([on(None, 0.99, "1"), on("aa", 0.99, "2")])  # an older record: by accuracy
     assert "mixed-weights" in codes([on(None, 0.993, "1"), on("aa", 0.9917, "2")])
     assert "mixed-weights" not in codes([on("aa", 0.99, "1"), cell("tq", "pgd", "whitebox", 0.3, [0], weights="bb")])
+
+
+def test_no_autoattack_fires_where_images_stand_and_autoattack_did_not_run() -> None:
+    pgd = [cell("d", "pgd", "bpda", eps, [0, 1]) for eps in (0.1, 0.3)]
+    flagged = [f for f in flags.compute(pgd) if f.code == "no-autoattack"]
+    assert len(flagged) == 1 and "eps=0.1" in flagged[0].evidence and "eps=0.3" in flagged[0].evidence
+    with_aa = [*pgd, cell("d", "autoattack", "whitebox", 0.1, [0]), cell("d", "pgd", "bpda", 0.3, [], tag="strong")]
+    assert "no-autoattack" not in codes(with_aa)  # AutoAttack ran at 0.1; at 0.3 no image stands
+    assert "no-autoattack" not in codes([cell("d", "pgd", "bpda", 1.0, [0])])  # a sanity cell (eps >= 1)
