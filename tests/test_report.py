@@ -52,6 +52,17 @@ def test_summary_and_cifar_marks_are_generated() -> None:
     assert "not the official release" in text
 
 
+def test_the_report_names_the_budgets_where_autoattack_has_not_run() -> None:
+    records = [qcell("cq(n=2,z=50)", "pgd", "bpda", 0.1, N), qcell("cq(n=2,z=50)", "pgd", "bpda", 0.3, 2),
+               qcell("none", "pgd", "whitebox", 0.1, 3), qcell("none", "autoattack", "whitebox", 0.1, 2)]
+    text = report.render(records)
+    assert "- **mnist: no AutoAttack yet** at ε 0.1 on cq(n=2,z=50); at ε 0.3 on cq(n=2,z=50):" in text
+    records.append(qcell("cq(n=2,z=50)", "autoattack", "bpda", 0.3, 0))
+    assert "at ε 0.1 on cq(n=2,z=50):" in report.render(records)
+    records.append(qcell("cq(n=2,z=50)", "autoattack", "bpda", 0.1, 1))
+    assert "no AutoAttack yet" not in report.render(records)
+
+
 def test_level_trend_and_report_rendering() -> None:
     records = [qcell(f"cq(n={n},z=50)", "fgsm", "whitebox", 0.3, N - n) for n in (2, 3, 4)]
     c = claim("More quantization levels")
