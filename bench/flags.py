@@ -46,14 +46,19 @@ def _best(cells: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
     return min(cells, key=lambda r: r["robust_acc"], default=None)
 
 
-def compute(records: Iterable[dict[str, Any]]) -> list[Flag]:
-    """All red flags of all (dataset, defense) pairs in ``records`` (error records are ignored)."""
+def by_defense(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The scored records (error records left out) per (dataset, defense), in first-seen order."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if r.get("error") is None and r.get("robust_acc") is not None:
             groups[(r["dataset"], r["defense"])].append(r)
+    return groups
+
+
+def compute(records: Iterable[dict[str, Any]]) -> list[Flag]:
+    """All red flags of all (dataset, defense) pairs in ``records`` (error records are ignored)."""
     flags = []
-    for (dataset, defense), cells in groups.items():
+    for (dataset, defense), cells in by_defense(records).items():
         for code, evidence in _check(cells):
             flags.append(Flag(dataset, defense, code, evidence))
     return flags

@@ -314,19 +314,14 @@ def coverage(grids: dict[str, tuple[int, int | None] | None]) -> list[str]:
 def autoattack_coverage(records: Records) -> list[str]:
     """One line per dataset naming the budgets and defenses where images stand and AutoAttack has not run
     (:func:`bench.flags.autoattack_gaps`): their adaptive figures rest on the suite's other attacks."""
-    lines = []
-    for dataset in sorted({r["dataset"] for r in records}):
-        missing: dict[float, list[str]] = {}
-        for defense in dict.fromkeys(r["defense"] for r in records if r["dataset"] == dataset):
-            cells = [r for r in records if r["dataset"] == dataset and r["defense"] == defense
-                     and r.get("error") is None and r.get("robust_acc") is not None]
-            for eps, _ in flags.autoattack_gaps(cells):
-                missing.setdefault(eps, []).append(defense)
-        if missing:
-            lines.append(f"- **{dataset}: no AutoAttack yet** " + "; ".join(
-                f"at ε {eps:g} on {', '.join(names)}" for eps, names in sorted(missing.items()))
-                + ": the adaptive figures there rest on the other attacks (leaderboard flag `no-autoattack`)")
-    return lines
+    missing: dict[str, dict[float, list[str]]] = {}
+    for (dataset, defense), cells in flags.by_defense(records).items():
+        for eps, _ in flags.autoattack_gaps(cells):
+            missing.setdefault(dataset, {}).setdefault(eps, []).append(defense)
+    return [f"- **{dataset}: no AutoAttack yet** " + "; ".join(
+                f"at ε {eps:g} on {', '.join(names)}" for eps, names in sorted(budgets.items()))
+            + ": the adaptive figures there rest on the other attacks (leaderboard flag `no-autoattack`)"
+            for dataset, budgets in sorted(missing.items())]
 
 
 def render(records: Records, grids: dict[str, tuple[int, int | None] | None] | None = None) -> str:
