@@ -71,11 +71,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def wait_for_device() -> None:
+    """Wait for queued GPU kernels: CUDA calls return before their work is done, so a timer must wait first."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _time(fn: Any, repeats: int = 2) -> float:
     fn()  # warm-up
+    wait_for_device()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    wait_for_device()
     return (time.perf_counter() - start) / repeats
 
 

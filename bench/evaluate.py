@@ -48,6 +48,12 @@ class Context:
     _memo: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.settings.device.startswith("cuda"):
+            # TF32 convolutions (cuDNN's default) round to a 10-bit mantissa, and cuDNN may pick another kernel
+            # for the scoring batch than for the attack batch: an image on the boundary could be fooled in the
+            # attack and robust when re-scored. Full fp32 keeps the two the same computation, as on the CPU.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         plugins.activate(self.settings.plugins)
         self.models = Models(self.settings, self.stop)
         self.crafted = CraftStore(self.models.cache.root, read=self.settings.reuse_crafted)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
 from functools import cached_property
@@ -130,16 +131,21 @@ def _names(cell: Cell, field_name: str) -> tuple[str, ...]:
     }[field_name]
 
 
+_PATTERN_COMMA = re.compile(r",(?!\w+=)")
+
+
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     """The cells matching every ``FIELD=PATTERN[,PATTERN...]`` of ``only`` (shell wildcards; a field matches when
-    any pattern matches its name or id, e.g. ``defense=cq`` or ``defense=cq(n=2*``, ``eps=0.1,0.3``)."""
+    any pattern matches its name or id, e.g. ``defense=cq`` or ``defense=cq(n=2*``, ``eps=0.1,0.3``). A comma
+    followed by ``name=`` belongs to the pattern, so a whole id as the tables print it (``defense=cq(n=2,z=50)``,
+    ``defense=dqa(bits=2,mode=fixed*``) is one pattern."""
     chosen = cells
     for item in only:
         field_name, sep, patterns = item.partition("=")
         if not sep or field_name not in SELECT_FIELDS or not patterns:
             raise BenchError(f"--only {item}: expected FIELD=PATTERN[,PATTERN...] with FIELD one of "
                              f"{', '.join(SELECT_FIELDS)}")
-        wanted = patterns.split(",")
+        wanted = _PATTERN_COMMA.split(patterns)
         chosen = [c for c in chosen if any(fnmatchcase(name, pattern) for name in _names(c, field_name)
                                            for pattern in wanted)]
     if not chosen:

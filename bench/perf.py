@@ -30,6 +30,7 @@ from tabulate import tabulate
 from torch import nn
 
 from bench.craft import CountingModel, Crafted, attack_batch, choose_targets
+from bench.estimate import wait_for_device
 from bench.evaluate import Context, craft_cell
 from bench.settings import Settings, available_cores
 from bench.grid import expand
@@ -130,8 +131,10 @@ class Row:
 def _rates(images: int, repeats: int, work: Callable[[], Any]) -> list[float]:
     rates = []
     for _ in range(repeats):
+        wait_for_device()
         start = time.perf_counter()
         work()
+        wait_for_device()
         rates.append(images / (time.perf_counter() - start))
     return rates
 

@@ -9,7 +9,7 @@ import pytest
 
 from bench.attacks import REGISTRY as ATTACKS
 from bench.errors import SuiteError
-from bench.grid import count, expand
+from bench.grid import count, expand, select
 from bench.suite import load_suite
 
 BASE = """
@@ -29,6 +29,22 @@ def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
+
+
+def test_only_takes_a_whole_id_with_its_commas_as_one_pattern() -> None:
+    """Defense ids hold commas (``cq(n=2,z=50)``): a comma followed by ``name=`` stays in the pattern, any other
+    comma separates two patterns."""
+    cells = expand(load_suite(Path("suites/paper-mnist.toml")))
+
+    def chosen(pattern: str) -> set[str]:
+        return {c.defense_id for c in select(cells, [f"defense={pattern}"])}
+
+    assert chosen("cq(n=2,z=50)") == {"cq(n=2,z=50)"}
+    dqa = chosen("dqa(bits=2,mode=fixed*")
+    assert len(dqa) == 2 and all("mode=fixed" in d for d in dqa)
+    assert chosen("cq(n=2*,cq(n=3*") == {"cq(n=2,z=50)", "cq(n=3,z=50)"}
+    assert chosen("none,tq(n=2,z=5)") == {"none", "tq(n=2,z=5)"}
+    assert {c.eps for c in select(cells, ["eps=0.1,0.3"])} == {0.1, 0.3}
 
 
 def test_valid_suite_expands_to_its_grid(tmp_path: Path) -> None:
