@@ -50,7 +50,10 @@ class QuantizedActivation(nn.Module):
         clipped = x.clamp(0.0, 1.0)
         interval = (clipped.detach() * self.steps).floor().long().clamp(max=self.steps - 1)
         inside = ((x >= 0) & (x <= 1)).to(x.dtype)
-        surrogate = clipped - self.thresholds[interval] * inside
+        # t[interval] as a masked sum, not an index: the backward of an index into 3 thresholds is one atomic add
+        # per activation into the same 3 addresses, which serialises on a GPU; the sum's backward is a reduction.
+        chosen = (interval.unsqueeze(-1) == torch.arange(self.steps, device=x.device)) * self.thresholds
+        surrogate = clipped - chosen.sum(-1) * inside
         return (surrogate - surrogate.detach()) + hard
 
     @torch.no_grad()

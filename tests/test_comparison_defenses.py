@@ -227,6 +227,19 @@ def test_ste_gradient_in_training_zero_in_eval_and_bpda_uses_ste(mnist: data_mod
     assert torch.allclose(bpda, trained, atol=1e-7)
 
 
+def test_dynamic_threshold_gradient_is_minus_the_upstream_over_each_level_interval() -> None:
+    """The STE of the docstring: dy/dt_k = −1 where x lies in the k-th level interval, 0 outside [0, 1]."""
+    torch.manual_seed(0)
+    layer = QuantizedActivation(2, dynamic=True).train()
+    x = torch.rand(4, 8, 9, 9) * 1.4 - 0.2
+    upstream = torch.randn(x.shape)
+    (layer(x) * upstream).sum().backward()
+    interval = (x.clamp(0, 1) * 3).floor().clamp(max=2)
+    inside = (x >= 0) & (x <= 1)
+    expected = torch.stack([-(upstream * ((interval == k) & inside)).sum() for k in range(3)])
+    assert torch.allclose(layer.thresholds.grad, expected, atol=1e-4)
+
+
 def test_dynamic_thresholds_learn_and_stay_ordered(mnist: data_mod.Data) -> None:
     dqa = defense("dqa", bits=2, adv_train="none")
     with torch.random.fork_rng():
