@@ -11,7 +11,7 @@ footnoted evidence; then, for ensembles such as AutoAttack, what each component 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -189,9 +189,11 @@ def render(records: Iterable[dict[str, Any]], planned: set[str] | None = None) -
         provenance = next((r["data_provenance"] for r in recs if r.get("data_provenance")), "unknown")
         n = sorted({r["n"] for r in recs})
         revisions = sorted({str(r.get("git")) for r in recs})
+        machines = Counter(f"{r.get('device', 'unknown')} (torch {r.get('torch')})" for r in recs)
         lines += [f"## {dataset}", "",
                   f"- data: {provenance}", f"- evaluated images: {', '.join(map(str, n))}",
-                  f"- harness version {recs[0].get('version')}, git {', '.join(revisions)}", ""]
+                  f"- harness version {recs[0].get('version')}, git {', '.join(revisions)}",
+                  "- computed on " + ", ".join(f"{m}: {k} cells" for m, k in sorted(machines.items())), ""]
         notes: list[str] = []
         marked = detail.copy()
         for i, row in marked.iterrows():

@@ -125,6 +125,13 @@ def test_flags_appear_in_the_leaderboard_with_evidence() -> None:
     assert "masking[^mnist-1]" in text and "[^mnist-1]: cq `masking`: eps=0.3: pgd bpda eps=0.3 0.0%" in text
 
 
+def test_the_header_says_which_devices_and_torch_builds_computed_the_cells() -> None:
+    cpu = {"device": "cpu", "torch": "2.13.0+cpu"}
+    text = leaderboard.render([cell("d", "fgsm", "whitebox", 0.1, [0], **cpu), cell("d", "pgd", "whitebox", 0.1, [0], **cpu),
+                               cell("d", "fgsm", "bpda", 0.1, [0], device="cuda", torch="2.11.0+cu130")])
+    assert "- computed on cpu (torch 2.13.0+cpu): 2 cells, cuda (torch 2.11.0+cu130): 1 cells" in text
+
+
 def test_a_partial_run_says_how_many_cells_are_done(tmp_path: Any) -> None:
     done = cell("d", "fgsm", "whitebox", 0.3, [0, 1])
     (tmp_path / leaderboard.PLAN).write_text('{"suite": "t", "cells": ["%s", "not-yet"]}' % done["cell_id"])
