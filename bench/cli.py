@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", action="append", metavar="FIELD=PATTERN[,PATTERN...]",
                      help="run only the cells whose FIELD (dataset, defense, attack, threat or eps) matches a "
                      "pattern (shell wildcards, name or id as in the tables: defense=tq, 'defense=cq(n=2*', "
-                     "'defense=cq(n=2,z=50)', threat=wb, eps=0.1,0.3); repeat to narrow further; the other cells stay in the plan and "
-                     "the leaderboard, so slices fill the same results directory")
+                     "'defense=cq(n=2,z=50)', threat=wb, eps=0.1,0.3); repeat to narrow further; the other cells "
+                     "stay in the plan and the leaderboard, so slices fill the same results directory")
     run.add_argument("--dry-run", action="store_true", help="plan only: print the cells, the models to train and "
                      "an estimated wall time from a short throughput probe on the device; run nothing")
     run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
