@@ -79,17 +79,16 @@ def accuracy_vs_eps(records: list[dict[str, Any]], out: Path, worst: WorstCase) 
                                  squeeze=False)
         for ax, defense in zip(axes.flat, defenses, strict=False):
             for threat in threats:
-                line = sorted((r["eps"], r["robust_acc"]) for r in cells if r["defense"] == defense
-                              and r["threat_label"] == threat)
+                line = {r["eps"]: r["robust_acc"] for r in cells if r["defense"] == defense
+                        and r["threat_label"] == threat}
                 if line:
-                    ax.plot([e for e, _ in line], [100 * a for _, a in line], color=colours[threat],
+                    ax.plot(eps_values, _percent([line.get(e) for e in eps_values]), color=colours[threat],
                             linestyle=THREAT_STYLE.get(threat, OTHER_STYLE)[0], marker="o", markersize=3,
                             linewidth=3 if threat == "wb" else 1.5,  # visible under an equal BPDA line
                             label=THREAT_NAME.get(threat, threat))
             mine = [r for r in grid if r["dataset"] == dataset and r["defense"] == defense]
-            bottom = [(e, worst(mine, e)) for e in eps_values]
-            ax.plot([e for e, v in bottom if v is not None], [100 * v for _, v in bottom if v is not None],
-                    color="black", linewidth=2, label=WORST_LABEL)
+            ax.plot(eps_values, _percent([worst(mine, e) for e in eps_values]), color="black", linewidth=2,
+                    label=WORST_LABEL)
             ax.set_title(_wrap(defense, 48), fontsize=7)
             ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
@@ -110,6 +109,11 @@ def accuracy_vs_eps(records: list[dict[str, Any]], out: Path, worst: WorstCase) 
                    bbox_to_anchor=(0.5, 0.0), frameon=False)  # below the panels, kept by bbox_inches="tight"
         written.append(_save(fig, out / file_name(dataset, attack, "accuracy-vs-eps")))
     return written
+
+
+def _percent(values: list[float | None]) -> list[float]:
+    """Accuracies in %, NaN where a cell is missing: the line breaks there instead of drawing a value no cell has."""
+    return [float("nan") if v is None else 100 * v for v in values]
 
 
 def defense_bars(records: list[dict[str, Any]], out: Path) -> list[Path]:

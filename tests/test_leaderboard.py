@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,20 @@ def test_accuracy_vs_eps_draws_every_threat_and_the_worst_case_per_defense(monke
     bars = drawn[-1]
     assert [t.get_text() for t in bars.axes[0].get_legend().get_texts()] == ["white-box", "BPDA", "oblivious", "mine"]
     assert (bars.axes[0].get_xlabel(), bars.axes[0].get_ylabel()) == ("defense", "accuracy under attack (%)")
+
+
+def test_a_missing_cell_breaks_its_line_instead_of_drawing_across(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """BPDA has no cell at 0.2 (not run yet): its line has a gap there, not a value interpolated from 0.1 and 0.3."""
+    drawn: list[Any] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    cells = [cell("d", "pgd", "whitebox", eps, [0, 1]) for eps in (0.1, 0.2, 0.3)]
+    cells += [cell("d", "pgd", "bpda", eps, [0]) for eps in (0.1, 0.3)]
+    plots.write(cells, tmp_path, leaderboard.worst_case)
+    lines = {line.get_label(): line for line in drawn[0].axes[0].get_lines()}
+    bpda = list(lines["BPDA"].get_ydata())
+    assert bpda[0] == bpda[2] == 100 / N and math.isnan(bpda[1])
+    assert list(lines["white-box"].get_ydata()) == [200 / N] * 3
 
 
 def test_every_figure_orders_the_defenses_as_the_results_directory_does(monkeypatch: pytest.MonkeyPatch,
