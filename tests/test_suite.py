@@ -34,7 +34,7 @@ def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
 def test_only_takes_a_whole_id_with_its_commas_as_one_pattern() -> None:
     """Defense ids hold commas (``cq(n=2,z=50)``): a comma followed by ``name=`` stays in the pattern, any other
     comma separates two patterns."""
-    cells = expand(load_suite(Path("suites/paper-mnist.toml")))
+    cells = expand(load_suite(Path(__file__).resolve().parent.parent / "suites" / "paper-mnist.toml"))
 
     def chosen(pattern: str) -> set[str]:
         return {c.defense_id for c in select(cells, [f"defense={pattern}"])}
