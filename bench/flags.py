@@ -64,12 +64,18 @@ def compute(records: Iterable[dict[str, Any]]) -> list[Flag]:
     return flags
 
 
+def _grid_by_eps(cells: Iterable[dict[str, Any]]) -> dict[float, list[dict[str, Any]]]:
+    """The grid cells (no convergence checks) with a budget, per eps."""
+    by_eps: dict[float, list[dict[str, Any]]] = defaultdict(list)
+    for r in cells:
+        if r.get("purpose", "grid") == "grid" and r["eps"] is not None:
+            by_eps[r["eps"]].append(r)
+    return by_eps
+
+
 def _check(cells: list[dict[str, Any]]) -> Iterable[tuple[str, str]]:
     grid = [r for r in cells if r.get("purpose", "grid") == "grid"]
-    by_eps: dict[float, list[dict[str, Any]]] = defaultdict(list)
-    for r in grid:
-        if r["eps"] is not None:
-            by_eps[r["eps"]].append(r)
+    by_eps = _grid_by_eps(grid)
     for eps in sorted(by_eps):
         same = by_eps[eps]
         white = _best(r for r in same if r["threat"] == "whitebox" and not r["gradient_free"])
@@ -118,14 +124,10 @@ def autoattack_gaps(cells: Iterable[dict[str, Any]]) -> list[tuple[float, dict[s
     """For one defense's cells: each L∞ budget below 1 where images stand and no AutoAttack ran, with the strongest
     cell there. The worst case at such a budget rests on the suite's own attacks, and the field's standard check
     could lower it (on paper-mnist it lowered the undefended CNN's worst case at eps 0.1 by 1.7 points)."""
-    by_eps: dict[float, list[dict[str, Any]]] = defaultdict(list)
-    for r in cells:
-        if r.get("purpose", "grid") == "grid" and r["eps"] is not None and r["eps"] < 1.0:
-            by_eps[r["eps"]].append(r)
     gaps = []
-    for eps, same in sorted(by_eps.items()):
+    for eps, same in sorted(_grid_by_eps(cells).items()):
         best = _best(same)
-        if (best and best["robust_acc"] > 0 and any(r["norm"] == "linf" for r in same)
+        if (eps < 1.0 and best and best["robust_acc"] > 0 and any(r["norm"] == "linf" for r in same)
                 and not any(r["attack_name"] == "autoattack" for r in same)):
             gaps.append((eps, best))
     return gaps
