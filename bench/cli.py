@@ -7,6 +7,7 @@ import argparse
 import ctypes
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -136,10 +137,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         cells = plan(suite, args.limit)
         print(estimate(select(cells, args.only) if args.only else cells, Context(settings)).describe())
         return 0
-    out = Path(args.out) if args.out else default_out(suite, args.limit)
-    prepare_dir(out)
     if args.no_progress:  # also the training and substitute bars, here and in Ray workers
         os.environ["BENCH_NO_PROGRESS"] = "1"
+    if args.train_only:
+        return _train_only(args, suite, settings)
+    out = Path(args.out) if args.out else default_out(suite, args.limit)
+    prepare_dir(out)
     _keep_freed_memory()
     summary = run(suite, out, settings, limit=args.limit, fresh=args.fresh, executor=executor,
                   progress=not args.no_progress, only=args.only)
@@ -148,6 +151,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  failed: {error}", file=sys.stderr)
     print(f"leaderboard: {out / 'leaderboard.md'}")
     return summary.exit_code
+
+
+def _train_only(args: argparse.Namespace, suite: Any, settings: Any) -> int:
+    from bench.errors import Interrupted
+    from bench.runner import train_only
+
+    if args.executor != "local" or args.out:
+        raise BenchError(f"--train-only trains in this process into the model cache; leave out "
+                         f"{'--executor' if args.executor != 'local' else '--out'}")
+    start = time.perf_counter()
+    try:
+        trained = train_only(suite, settings, limit=args.limit, only=args.only, fresh=args.fresh,
+                             report=lambda line: print(line, flush=True))
+    except Interrupted:
+        print("bench: interrupted: the models trained so far stay cached; run again to go on", file=sys.stderr)
+        return 130
+    print(f"{trained} trained in {time.perf_counter() - start:.0f} s, the others cached; the same command without "
+          f"--train-only runs the cells")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -368,8 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "pattern (shell wildcards, name or id as in the tables: defense=tq, 'defense=cq(n=2*', "
                      "'defense=cq(n=2,z=50)', threat=wb, eps=0.1,0.3); repeat to narrow further; the other cells "
                      "stay in the plan and the leaderboard, so slices fill the same results directory")
-    run.add_argument("--dry-run", action="store_true", help="plan only: print the cells, the models to train and "
-                     "an estimated wall time from a short throughput probe on the device; run nothing")
+    stage = run.add_mutually_exclusive_group()
+    stage.add_argument("--dry-run", action="store_true", help="plan only: print the cells, the models to train and "
+                       "an estimated wall time from a short throughput probe on the device; run nothing")
+    stage.add_argument("--train-only", action="store_true", help="train into the model cache every model and "
+                       "substitute the selected cells need (with --fresh, again), one line and its time each, and "
+                       "run no cell: a later run of the same cells, here or on a machine sharing the cache, only "
+                       "attacks")
     run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--strict-data", action="store_true", help="refuse data files that differ from the official "
                      "release instead of using them with a warning")

@@ -22,6 +22,7 @@ from bench.attacks import REGISTRY as ATTACKS
 from bench.craft import attack_batch
 from bench.evaluate import Context
 from bench.grid import Cell
+from bench.runner import artifacts
 from bench.threats import REGISTRY as THREATS
 from bench.train import TrainConfig, loss_fn
 
@@ -133,19 +134,16 @@ def estimate(cells: list[Cell], ctx: Context) -> Estimate:
             rates[key] = probe_rates(ctx, cell)
         return rates[key]
 
-    trainings: dict[str, tuple[str, bool, float]] = {}
+    trainings = []
+    for kind, needed in artifacts(cells, ctx):
+        label, fields = models.artifact(kind, needed)
+        cached = models.cache.exists(needed.dataset.value, label, fields)
+        trainings.append((f"{needed.dataset.value} {label}", cached,
+                          0.0 if cached else _train_seconds(kind, needed, models.train_config(needed), rate(needed))))
     seen: set[str] = set()
     attack_seconds = 0.0
     for cell in cells:
         threat = THREATS.get(cell.threat)()
-        for kind, needed in [("model", cell), *threat.requires(cell, ctx)]:
-            label, fields = models.artifact(kind, needed)
-            if repr(fields) in trainings:
-                continue
-            cached = models.cache.exists(needed.dataset.value, label, fields)
-            trainings[repr(fields)] = (f"{needed.dataset.value} {label}", cached,
-                                       0.0 if cached else _train_seconds(kind, needed, models.train_config(needed),
-                                                                         rate(needed)))
         key = (cell.compute_key if not threat.transfer else
                f"{cell.threat}:{cell.attack}:{cell.attack_values}:{cell.eps}:{repr(cell.threat_params)}")
         if key in seen:
@@ -156,7 +154,7 @@ def estimate(cells: list[Cell], ctx: Context) -> Estimate:
         attempts = cell.n * (9 if attack.target_mode == "all" else 1)
         r = rate(cell if cell.threat != "oblivious" else THREATS.get("oblivious").undefended(cell))
         attack_seconds += attempts * (forwards / r.forward + backwards / r.backward)
-    return Estimate(len(cells), len(seen), list(trainings.values()), attack_seconds, ctx.settings.device)
+    return Estimate(len(cells), len(seen), trainings, attack_seconds, ctx.settings.device)
 
 
 def _train_seconds(kind: str, cell: Cell, cfg: TrainConfig, r: Rates) -> float:

@@ -3,7 +3,8 @@
 Resume is the default: cells already in ``OUT/cells.jsonl`` (by key) are not recomputed; error records are
 retried. Records of cells that are no longer in the grid (the suite changed), records computed on other weights
 than the model now in the cache (retrained differently) and, with ``--fresh``, all old records are moved to
-``OUT/cells.stale.jsonl``: nothing is deleted. Ctrl-C stops after the current batch.
+``OUT/cells.stale.jsonl``: nothing is deleted. Ctrl-C stops after the current batch. ``bench run --train-only``
+(:func:`train_only`) trains the models the cells need and runs none of them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -239,15 +240,55 @@ def same_as(source: dict[str, Any], cell: Cell) -> dict[str, Any]:
             "same_as": source["cell_id"], "seconds": 0.0}
 
 
+def artifacts(cells: list[Cell], ctx: Context) -> list[tuple[str, Cell]]:
+    """The trained artifacts ``cells`` need, each once, in dependency order: ``("model", cell)`` for a classifier
+    (defended, undefended or a black-box oracle), ``("substitute", cell)`` for a black-box substitute."""
+    seen: set[str] = set()
+    needed: list[tuple[str, Cell]] = []
+    for cell in cells:
+        for kind, artifact_cell in [("model", cell), *THREATS.get(cell.threat)().requires(cell, ctx)]:
+            key = repr(ctx.models.artifact(kind, artifact_cell)[1])
+            if key not in seen:
+                seen.add(key)
+                needed.append((kind, artifact_cell))
+    return needed
+
+
 def _forget_models(cells: list[Cell], ctx: Context) -> None:
     """``--fresh``: drop the cached models (and substitutes) these cells use, so they are trained again."""
-    seen = set()
-    for cell in cells:
-        for kind, needed in [("model", cell), *THREATS.get(cell.threat)().requires(cell, ctx)]:
-            label, fields = ctx.models.artifact(kind, needed)
-            if repr(fields) not in seen:
-                seen.add(repr(fields))
-                ctx.models.cache.remove(needed.dataset.value, label, fields)
+    for kind, cell in artifacts(cells, ctx):
+        label, fields = ctx.models.artifact(kind, cell)
+        ctx.models.cache.remove(cell.dataset.value, label, fields)
+
+
+def train_only(suite: Suite, settings: Settings, *, limit: int | None = None, only: list[str] | None = None,
+               fresh: bool = False, report: Callable[[str], None] = print) -> int:
+    """``bench run --train-only``: train into the cache every model and substitute the selected cells need (with
+    ``fresh``, again), one after another in dependency order, and run no cell; ``report`` gets one line per
+    artifact. Returns how many were trained. A later ``bench run`` of the same cells, here or on a machine
+    sharing the cache, then only attacks. Ctrl-C stops within a training batch (Interrupted); what finished stays
+    cached."""
+    cells = plan(suite, limit)
+    cells = select(cells, only) if only else cells
+    stop = Event()
+    ctx = Context(settings, stop=stop)
+    check_data(cells, ctx)
+    needed = artifacts(cells, ctx)
+    if fresh:
+        _forget_models(cells, ctx)
+    trained = 0
+    with _ctrl_c_stops(stop):
+        for number, (kind, cell) in enumerate(needed, 1):
+            label, fields = ctx.models.artifact(kind, cell)
+            name = f"[{number}/{len(needed)}] {cell.dataset.value} {label}"
+            if ctx.models.cache.exists(cell.dataset.value, label, fields):
+                report(f"{name}: cached")
+                continue
+            start = time.perf_counter()
+            ctx.models.load(kind, cell)
+            trained += 1
+            report(f"{name}: trained in {time.perf_counter() - start:.1f} s on {settings.device}")
+    return trained
 
 
 def _defense_plots(cells: list[Cell], ctx: Context, plots: Path) -> None:

@@ -70,3 +70,25 @@ def test_bad_only_exits_2_with_one_line(tmp_path: Path, bench_env: dict[str, str
                                         needles: tuple[str, ...]) -> None:
     path = tiny_suite(tmp_path / "s.toml")
     one_line_error(bench("run", str(path), "--only", only, "--dry-run", env=bench_env), *needles)
+
+
+def test_train_only_fills_the_cache_and_runs_no_cell(tmp_path: Path, bench_env: dict[str, str]) -> None:
+    """Every artifact once, a black-box oracle before its substitute; the run after it trains nothing."""
+    env = {**bench_env, "BENCH_CACHE_DIR": str(tmp_path / "cache")}
+    extra = '[[attacks]]\nname = "fgsm"\neps = 0.3\nthreat = "blackbox"\n[blackbox]\nrounds = 1\nepochs = 2\n'
+    suite = str(tiny_suite(tmp_path / "s.toml", n=20, eps="[0.1]", extra=extra))
+    first = bench("run", suite, "--train-only", env=env)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("[1/2] mnist none: trained in") and "substitute-none: trained in" in lines[1]
+    assert lines[2].startswith("2 trained")
+    weights = sorted((tmp_path / "cache" / "mnist").glob("*.pt"))
+    assert len(weights) == 2
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    again = bench("run", suite, "--train-only", env=env)
+    assert again.returncode == 0 and "[1/2] mnist none: cached" in again.stdout and "0 trained" in again.stdout
+    cells = bench("run", suite, "--out", str(tmp_path / "out"), env=env)
+    assert cells.returncode == 0, cells.stderr
+    assert "3/3 cells done" in cells.stdout
+    assert [w.stat().st_mtime_ns for w in weights] == stamps
+    one_line_error(bench("run", suite, "--train-only", "--out", str(tmp_path / "x"), env=env), "--train-only", "--out")
