@@ -81,17 +81,20 @@ def loss_fn(name: str, logits: torch.Tensor, y: torch.Tensor, label_smoothing: f
 
 
 def flip_crop(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random horizontal flip and random crop after zero-padding by ``pad`` pixels (standard CIFAR augmentation)."""
+    """Random horizontal flip and random crop after zero-padding by ``pad`` pixels (standard CIFAR augmentation).
+
+    The draws come from the CPU ``generator`` whatever ``x``'s device, so a GPU run flips and crops as a CPU run
+    does; the flip and the gather run where ``x`` is (on a GPU, no CPU time per image)."""
     n, _, h, w = x.shape
-    flip = torch.rand(n, generator=generator) < 0.5
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
-    batch = torch.arange(n)[:, None, None, None]
-    channels = torch.arange(x.shape[1])[None, :, None, None]
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     return padded[batch, channels, rows, cols]
 
 
@@ -166,10 +169,9 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, s
                 if should_stop is not None and should_stop():
                     raise Interrupted
                 index = order[i:i + cfg.batch_size]
-                xb, yb = x[index], y[index]
+                xb, yb = x[index].to(device), y[index].to(device)
                 if cfg.augment:
                     xb = flip_crop(xb, generator)
-                xb, yb = xb.to(device), yb.to(device)
                 if batch_hook is not None:
                     xb, yb = batch_hook(model, xb, yb, progress=step / total)
                     model.train()
@@ -182,7 +184,8 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, s
                     step_hook(model)
                 step += 1
                 bar.update()
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}", refresh=False)
+                if not bar.disable:  # loss.item() waits for the device: only for a bar that shows it
+                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
 
 

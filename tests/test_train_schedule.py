@@ -186,3 +186,19 @@ def test_the_weights_do_not_depend_on_the_threads_of_the_process(data_dir: Path,
         assert not same(one, weights(2))
     finally:
         torch.set_num_threads(before)
+
+
+def test_flip_crop_is_a_flip_then_a_window_of_the_padded_image(data_dir: Path) -> None:
+    """Against a per-image reference on real CIFAR-10 images, with the same draws: each output is the image, mirrored
+    where the draw says, zero-padded by 4 and cut at the drawn offset; the draws flip about half the images."""
+    x = data_mod.load(Dataset.CIFAR10, data_dir, download=False).test.x[:256]
+    out = train.flip_crop(x, torch.Generator().manual_seed(3))
+    draws = torch.Generator().manual_seed(3)
+    flip = torch.rand(len(x), generator=draws) < 0.5
+    dy = torch.randint(0, 9, (len(x),), generator=draws)
+    dx = torch.randint(0, 9, (len(x),), generator=draws)
+    for i in range(len(x)):
+        image = x[i].flip(2) if flip[i] else x[i]
+        window = F.pad(image, (4, 4, 4, 4))[:, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32]
+        assert torch.equal(out[i], window)
+    assert 0.4 < flip.float().mean() < 0.6 and len(set(dy.tolist())) == 9
