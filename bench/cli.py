@@ -11,10 +11,14 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import __version__
 from bench.errors import BenchError
+
+if TYPE_CHECKING:
+    from bench.settings import Settings
+    from bench.suite import Suite
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -153,7 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
-def _train_only(args: argparse.Namespace, suite: Any, settings: Any) -> int:
+def _train_only(args: argparse.Namespace, suite: Suite, settings: Settings) -> int:
     from bench.errors import Interrupted
     from bench.runner import train_only
 
