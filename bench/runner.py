@@ -280,7 +280,11 @@ def train_only(suite: Suite, settings: Settings, *, limit: int | None = None, on
     with _ctrl_c_stops(stop):
         for number, (kind, cell) in enumerate(needed, 1):
             label, fields = ctx.models.artifact(kind, cell)
-            name = f"[{number}/{len(needed)}] {cell.dataset.value} {label}"
+            name = f"[{number}/{len(needed)}] {cell.dataset.value}"
+            if kind == "model" and cell.model is not None:
+                report(f"{name} {cell.defense_id}: the suite's own classifier ({cell.model['ref']}), never trained here")
+                continue
+            name += f" {label}"
             if ctx.models.cache.exists(cell.dataset.value, label, fields):
                 report(f"{name}: cached")
                 continue

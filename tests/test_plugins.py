@@ -21,6 +21,7 @@ from bench.errors import SuiteError
 from bench.grid import expand
 from bench.models import CleverhansCNN, DefendedModel
 from bench.probe import probe
+from bench.runner import train_only
 from bench.settings import Settings
 from bench.suite import load_suite
 from bench.types import Dataset
@@ -235,6 +236,11 @@ def test_user_model_runs_without_training_and_refuses_training_defenses(tmp_path
     (user / "my_model.py").write_text(USER_MODEL)
     suite = write_suite(user, "shrink", dataset='model = "my_model:load"')
     empty = tmp_path / "empty-cache"
+    lines: list[str] = []
+    assert train_only(load_suite(suite), Settings(data_dir=str(data_dir), cache_dir=str(empty)),
+                      report=lines.append) == 0
+    own = "the suite's own classifier (my_model:load), never trained here"
+    assert lines == [f"[1/1] mnist custom(shrink:build,retrain=false): {own}"]
     records, _ = evaluate(suite=load_suite(suite), settings=Settings(data_dir=str(data_dir), cache_dir=str(empty)))
     assert not list(empty.rglob("*.pt"))  # nothing trained, nothing stored
     assert records.clean_acc.tolist() == baseline.clean_acc.tolist()
