@@ -137,9 +137,15 @@ def estimate(cells: list[Cell], ctx: Context) -> Estimate:
     trainings = []
     for kind, needed in artifacts(cells, ctx):
         label, fields = models.artifact(kind, needed)
-        cached = models.cache.exists(needed.dataset.value, label, fields)
-        trainings.append((f"{needed.dataset.value} {label}", cached,
-                          0.0 if cached else _train_seconds(kind, needed, models.train_config(needed), rate(needed))))
+        name = f"{needed.dataset.value} {label}"
+        if models.cache.exists(needed.dataset.value, label, fields):
+            trainings.append((name, True, 0.0))
+            continue
+        seconds = _train_seconds(kind, needed, models.train_config(needed), rate(needed))
+        done = models.cache.progress(needed.dataset.value, label, fields)
+        if done is not None:
+            name, seconds = f"{name} (resumes {100 * done:.0f} % done)", seconds * (1 - done)
+        trainings.append((name, False, seconds))
     seen: set[str] = set()
     attack_seconds = 0.0
     for cell in cells:

@@ -157,7 +157,9 @@ class Models:
                 torch.manual_seed(cell.seed)
                 fit(model, data.train.x, data.train.y, cfg, cell.seed, batch_hook=defense.training_batch,
                     step_hook=defense.after_step, device=self.settings.device,
-                    desc=f"train {cell.dataset.value} {defense.id}", should_stop=self.stop.is_set)
+                    desc=f"train {cell.dataset.value} {defense.id}", should_stop=self.stop.is_set,
+                    checkpoint=self.cache.partial(cell.dataset.value, self.model_label(cell),
+                                                  self.model_fields(cell)))
             correct = (predict(model, data.test.x) == data.test.y).float()
             return {"test_acc": round(float(correct.mean()), 4),
                     "test_acc_first_1000": round(float(correct[:1000].mean()), 4)}

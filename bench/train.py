@@ -8,12 +8,14 @@ per key makes concurrent processes (local ``--jobs`` or Ray workers) wait for on
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import io
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from bench import __version__
 from bench.errors import BenchError, Interrupted
@@ -46,6 +49,12 @@ TRAIN_CODE_VERSION = 2
 # Fixed, a model lost from the cache is retrained to the same weights, which the cells already computed on it
 # need (the runner recomputes cells whose weights differ from the cached model's).
 TRAIN_THREADS = 2
+
+# A training in progress is saved at a batch boundary this often (seconds) and when it is stopped (Ctrl-C): a killed
+# or interrupted run goes on from the last save, to the same weights as an uninterrupted one (the CIFAR-10
+# PGD-trained models take hours on a CPU, longer than many sessions or preemptible jobs last).
+CHECKPOINT_SECONDS = 300.0
+PARTIAL_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -134,25 +143,30 @@ def make_optimiser(cfg: TrainConfig, params: Iterable[nn.Parameter]) -> torch.op
 
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int, *,
         batch_hook: BatchHook | None = None, step_hook: StepHook | None = None, device: str = "cpu",
-        desc: str = "train", should_stop: Callable[[], bool] | None = None) -> None:
+        desc: str = "train", should_stop: Callable[[], bool] | None = None,
+        checkpoint: Path | None = None) -> None:
     """Train ``model`` in place on (x, y) with ``cfg.optimizer`` (Adam, AdamW, or SGD with Nesterov momentum 0.9);
     the shuffling and every random draw follow ``seed``.
 
     ``should_stop`` is polled between batches; when it returns True, :class:`~bench.errors.Interrupted` is raised.
-    On the CPU it runs on ``TRAIN_THREADS`` threads.
+    On the CPU it runs on ``TRAIN_THREADS`` threads. With ``checkpoint``, the whole training state (weights,
+    optimiser, schedule, the shuffling generator, torch's global RNG that batch hooks draw from, the position) is
+    written there every ``CHECKPOINT_SECONDS`` and when stopped, and a training that finds it goes on from it.
+    Hand-written: a resume must give the weights of an uninterrupted run, so every random state and the
+    mid-epoch position are saved, which torch's and Lightning's checkpoints leave to the caller.
     """
     threads = torch.get_num_threads()
     if not str(device).startswith("cuda"):
         torch.set_num_threads(TRAIN_THREADS)
     try:
-        _fit(model, x, y, cfg, seed, batch_hook, step_hook, device, desc, should_stop)
+        _fit(model, x, y, cfg, seed, batch_hook, step_hook, device, desc, should_stop, checkpoint)
     finally:
         torch.set_num_threads(threads)
 
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, seed: int,
          batch_hook: BatchHook | None, step_hook: StepHook | None, device: str, desc: str,
-         should_stop: Callable[[], bool] | None) -> None:
+         should_stop: Callable[[], bool] | None, checkpoint: Path | None) -> None:
     if cfg.train_limit:
         x, y = x[:cfg.train_limit], y[:cfg.train_limit]
     generator = torch.Generator().manual_seed(seed)
@@ -161,12 +175,17 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, s
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _lr_factor(cfg.lr_schedule, s, total))
-    step = 0
-    with progress_bar(total=total, desc=desc, unit="batch", leave=False) as bar:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for i in range(0, len(x), cfg.batch_size):
+    identity = {"cfg": asdict(cfg), "seed": seed, "images": len(x), "device": torch.device(device).type,
+                "torch": str(torch.__version__), "threads": TRAIN_THREADS}
+    partial = _Partial(checkpoint, identity, total, model, optimiser, scheduler, generator)
+    first_epoch, first_i, step, order = partial.resume(desc)
+    with progress_bar(total=total, initial=step, desc=desc, unit="batch", leave=False) as bar:
+        for epoch in range(first_epoch, cfg.epochs):
+            if order is None:
+                order = torch.randperm(len(x), generator=generator)
+            for i in range(first_i, len(x), cfg.batch_size):
                 if should_stop is not None and should_stop():
+                    partial.save(epoch, i, step, order)
                     raise Interrupted
                 index = order[i:i + cfg.batch_size]
                 xb, yb = x[index].to(device), y[index].to(device)
@@ -186,7 +205,68 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, s
                 bar.update()
                 if not bar.disable:  # loss.item() waits for the device: only for a bar that shows it
                     bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}", refresh=False)
+                partial.save(epoch, i + cfg.batch_size, step, order, due=True)
+            order, first_i = None, 0
     model.eval()
+
+
+class _Partial:
+    """The saved state of one training in progress (``fit``'s ``checkpoint``); inert without a path."""
+
+    def __init__(self, path: Path | None, identity: dict[str, Any], total: int, model: nn.Module,
+                 optimiser: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 generator: torch.Generator) -> None:
+        self.path, self.identity, self.total = path, identity, total
+        self.model, self.optimiser, self.scheduler, self.generator = model, optimiser, scheduler, generator
+        self.cuda = identity["device"] == "cuda"
+        self.saved = time.monotonic()
+
+    def save(self, epoch: int, next_i: int, step: int, order: torch.Tensor, due: bool = False) -> None:
+        """Write the state before batch ``next_i`` of ``epoch`` (``due``: only when CHECKPOINT_SECONDS have passed)."""
+        if self.path is None or (due and time.monotonic() - self.saved < CHECKPOINT_SECONDS):
+            return
+        state = {"format": PARTIAL_FORMAT, "identity": self.identity, "epoch": epoch, "next": next_i,
+                 "step": step, "total": self.total, "order": order, **self._state()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_bytes(self.path, buffer.getvalue())
+        self.saved = time.monotonic()
+
+    def _state(self) -> dict[str, Any]:
+        """Copies of everything the rest of the training depends on besides the position."""
+        return {"model": copy.deepcopy(self.model.state_dict()),
+                "optimiser": copy.deepcopy(self.optimiser.state_dict()), "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        if self.cuda:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+
+    def resume(self, desc: str) -> tuple[int, int, int, torch.Tensor | None]:
+        """(epoch, batch offset, step, that epoch's order) to start from: a saved state of this very training
+        restored into the model, optimiser, schedule and generators, else the start (a state that cannot be used
+        is said and ignored)."""
+        if self.path is None or not self.path.is_file():
+            return 0, 0, 0, None
+        start = self._state()
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if state.get("format") != PARTIAL_FORMAT or state.get("identity") != self.identity:
+                raise ValueError("it belongs to another training (settings, device, torch or format differ)")
+            self._restore(state)
+        except Exception as exc:  # noqa: BLE001 - any unusable state means training from the start, never a crash
+            self._restore(start)
+            warnings.warn(f"{self.path}: saved training state not used ({type(exc).__name__}: {exc}); training "
+                          f"from the start", stacklevel=4)
+            return 0, 0, 0, None
+        tqdm.write(f"{desc}: resuming at batch {state['step']} of {self.total} from {self.path.name}", file=sys.stderr)
+        return state["epoch"], state["next"], state["step"], state["order"]
 
 
 def cache_key(fields: dict[str, Any]) -> str:
@@ -234,9 +314,22 @@ class ModelCache:
             return None
         return facts if isinstance(facts, dict) else None
 
+    def partial(self, dataset: str, label: str, fields: dict[str, Any]) -> Path:
+        """Where ``fit`` keeps the state of this model's training in progress (its ``checkpoint``)."""
+        weights, _ = self.paths(dataset, label, cache_key(fields))
+        return weights.with_name(weights.name.removesuffix(".pt") + ".partial.pt")
+
+    def progress(self, dataset: str, label: str, fields: dict[str, Any]) -> float | None:
+        """The fraction of this model's training that a saved part-way state holds (None: none, or unreadable)."""
+        try:
+            state = torch.load(self.partial(dataset, label, fields), map_location="cpu", weights_only=True)
+            return state["step"] / state["total"]
+        except Exception:  # noqa: BLE001 - an estimate only: an unusable state counts as no progress
+            return None
+
     def remove(self, dataset: str, label: str, fields: dict[str, Any]) -> None:
-        """Forget a trained model (``--fresh``)."""
-        for path in self.paths(dataset, label, cache_key(fields)):
+        """Forget a trained model and any training of it in progress (``--fresh``)."""
+        for path in (*self.paths(dataset, label, cache_key(fields)), self.partial(dataset, label, fields)):
             path.unlink(missing_ok=True)
 
     def get_or_train(self, dataset: str, label: str, fields: dict[str, Any], build: Callable[[], nn.Module],
@@ -276,6 +369,7 @@ class ModelCache:
             facts = {"key": fields, "train_seconds": round(seconds, 2), "version": __version__, **facts,
                      "weights_sha256": digest}
             write_bytes(sidecar, (json.dumps(facts, indent=2, default=str) + "\n").encode())
+            self.partial(dataset, label, fields).unlink(missing_ok=True)
             return model.eval(), {**facts, "cached": False}
 
     def _load(self, weights: Path, sidecar: Path, fields: dict[str, Any], build: Callable[[], nn.Module],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -80,3 +81,38 @@ def test_ctrl_c_stops_after_the_current_batch_and_exits_130(tmp_path: Path, benc
     resumed = bench("run", str(path), "--out", str(out), env=bench_env)
     assert resumed.returncode == 0 and f"{done} resumed" in resumed.stdout
     assert len(cells(out)) == 15
+
+
+def test_ctrl_c_during_training_keeps_its_progress_and_the_next_run_resumes_it(tmp_path: Path, bench_env) -> None:  # type: ignore[no-untyped-def]
+    """A training stopped part-way is not started over: the next run goes on from the saved state, to the weights
+    of a training that was never stopped."""
+    path = tiny_suite(tmp_path / "s.toml", n=10)
+    path.write_text(path.read_text().replace("epochs = 2", "epochs = 5"))
+    caches = {name: tmp_path / name for name in ("ref", "stopped")}
+    reference = bench("run", str(path), "--train-only", env={**bench_env, "BENCH_CACHE_DIR": str(caches["ref"])})
+    assert reference.returncode == 0, reference.stderr
+    env = {**bench_env, "BENCH_CACHE_DIR": str(caches["stopped"])}
+    log = tmp_path / "stderr"
+    with log.open("w") as stderr:  # with bars: the training's bar says when its first batch starts
+        process = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", str(path), "--train-only"],
+                                   env={k: v for k, v in env.items() if k != "BENCH_NO_PROGRESS"}, cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.monotonic() + 120
+        while "train mnist none" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.5)  # inside the ~10 s of training (2 cores)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    assert process.returncode == 130, log.read_text()
+    assert len(list(caches["stopped"].glob("mnist/*.partial.pt"))) == 1
+    planned = bench("run", str(path), "--dry-run", env=env)
+    assert planned.returncode == 0, planned.stderr
+    assert re.search(r"mnist none \(resumes [1-9]\d* % done\): ~", planned.stdout), planned.stdout
+    resumed = bench("run", str(path), "--train-only", env=env)
+    assert resumed.returncode == 0 and "resuming at batch" in resumed.stderr, resumed.stderr
+    assert not list(caches["stopped"].glob("mnist/*.partial.pt"))
+
+    def digest(cache: Path) -> str:
+        (sidecar,) = cache.glob("mnist/*.json")
+        return json.loads(sidecar.read_text())["weights_sha256"]
+    assert digest(caches["stopped"]) == digest(caches["ref"])
