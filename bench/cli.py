@@ -169,8 +169,8 @@ def _train_only(args: argparse.Namespace, suite: Suite, settings: Settings) -> i
         trained = train_only(suite, settings, limit=args.limit, only=args.only, fresh=args.fresh,
                              report=lambda line: print(line, flush=True))
     except Interrupted:
-        print("bench: interrupted: the models trained so far stay cached and the one in training resumes where it "
-              "stopped; run again to go on", file=sys.stderr)
+        print("bench: interrupted: the models trained so far stay cached and a training stopped part-way resumes "
+              "where it stopped; run again to go on", file=sys.stderr)
         return 130
     print(f"{trained} trained in {time.perf_counter() - start:.0f} s, the others cached; the same command without "
           f"--train-only runs the cells")
