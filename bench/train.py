@@ -233,11 +233,10 @@ class _Partial:
         self.saved = time.monotonic()
 
     def _state(self) -> dict[str, Any]:
-        """Copies of everything the rest of the training depends on besides the position."""
-        return {"model": copy.deepcopy(self.model.state_dict()),
-                "optimiser": copy.deepcopy(self.optimiser.state_dict()), "scheduler": self.scheduler.state_dict(),
-                "generator": self.generator.get_state(), "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None}
+        """Everything the rest of the training depends on besides the position (the live tensors: copy to keep)."""
+        return {"model": self.model.state_dict(), "optimiser": self.optimiser.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None}
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -254,7 +253,7 @@ class _Partial:
         is said and ignored)."""
         if self.path is None or not self.path.is_file():
             return 0, 0, 0, None
-        start = self._state()
+        start = copy.deepcopy(self._state())
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
             if state.get("format") != PARTIAL_FORMAT or state.get("identity") != self.identity:
