@@ -142,7 +142,7 @@ def estimate(cells: list[Cell], ctx: Context) -> Estimate:
             trainings.append((name, True, 0.0))
             continue
         seconds = _train_seconds(kind, needed, models.train_config(needed), rate(needed))
-        done = models.cache.progress(needed.dataset.value, label, fields)
+        done = models.cache.progress(needed.dataset.value, label, fields, ctx.settings.device)
         if done is not None:
             name, seconds = f"{name} (resumes {100 * done:.0f} % done)", seconds * (1 - done)
         trainings.append((name, False, seconds))

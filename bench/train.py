@@ -175,8 +175,7 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, s
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _lr_factor(cfg.lr_schedule, s, total))
-    identity = {"cfg": asdict(cfg), "seed": seed, "images": len(x), "device": torch.device(device).type,
-                "torch": str(torch.__version__), "threads": TRAIN_THREADS}
+    identity = {"cfg": asdict(cfg), "seed": seed, "images": len(x), **_runtime(device)}
     partial = _Partial(checkpoint, identity, total, model, optimiser, scheduler, generator)
     first_epoch, first_i, step, order = partial.resume(desc)
     with progress_bar(total=total, initial=step, desc=desc, unit="batch", leave=False) as bar:
@@ -268,6 +267,12 @@ class _Partial:
         return state["epoch"], state["next"], state["step"], state["order"]
 
 
+def _runtime(device: str) -> dict[str, Any]:
+    """The part of a training's identity that the machine sets: the same settings on another device, torch or
+    thread count sum floats differently, so a saved state of one is not resumed by another."""
+    return {"device": torch.device(device).type, "torch": str(torch.__version__), "threads": TRAIN_THREADS}
+
+
 def cache_key(fields: dict[str, Any]) -> str:
     """Stable 16-hex-digit hash of the JSON of ``fields``."""
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
@@ -318,10 +323,14 @@ class ModelCache:
         weights, _ = self.paths(dataset, label, cache_key(fields))
         return weights.with_name(weights.name.removesuffix(".pt") + ".partial.pt")
 
-    def progress(self, dataset: str, label: str, fields: dict[str, Any]) -> float | None:
-        """The fraction of this model's training that a saved part-way state holds (None: none, or unreadable)."""
+    def progress(self, dataset: str, label: str, fields: dict[str, Any], device: str) -> float | None:
+        """The fraction of this model's training that a saved part-way state holds, if a training on ``device``
+        would resume it (None: none, unreadable, or saved on another device, torch or thread count)."""
         try:
             state = torch.load(self.partial(dataset, label, fields), map_location="cpu", weights_only=True)
+            runtime = _runtime(device)
+            if {key: state["identity"][key] for key in runtime} != runtime:
+                return None
             return state["step"] / state["total"]
         except Exception:  # noqa: BLE001 - an estimate only: an unusable state counts as no progress
             return None

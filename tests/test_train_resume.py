@@ -114,3 +114,19 @@ def test_the_cache_drops_the_saved_state_once_the_model_is_stored_or_forgotten(t
     partial.write_bytes(b"state")
     cache.remove("mnist", "none", {"a": 1})
     assert not partial.exists() and not list(tmp_path.glob("mnist/*.pt"))
+
+
+def test_the_dry_run_counts_a_saved_state_only_where_a_training_would_resume_it(data_dir: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    mnist = data_mod.load(Dataset.MNIST, data_dir)
+    cache = ModelCache(tmp_path)
+    assert cache.progress("mnist", "none", {"a": 1}, "cpu") is None
+    checkpoint = cache.partial("mnist", "none", {"a": 1})
+    checkpoint.parent.mkdir(parents=True)
+    monkeypatch.setattr(train, "CHECKPOINT_SECONDS", 0.0)
+    with pytest.raises(Killed):  # 3 batches an epoch, 6 in all; killed after 2
+        run(mnist.train.x[:300], mnist.train.y[:300], 0, batch_hook=noisy([], kill_at=2), checkpoint=checkpoint)
+    assert cache.progress("mnist", "none", {"a": 1}, "cpu") == pytest.approx(2 / 6)
+    assert cache.progress("mnist", "none", {"a": 1}, "cuda") is None
+    monkeypatch.setattr(train, "TRAIN_THREADS", 1)
+    assert cache.progress("mnist", "none", {"a": 1}, "cpu") is None
