@@ -8,13 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import weak_mnist_cnn
 
-from bench import data as data_mod
 from bench.attacks import REGISTRY
 from bench.attacks.base import Runtime
 from bench.craft import CountingModel, choose_targets, project
-from bench.models import CleverhansCNN
-from bench.train import TrainConfig, fit
 from bench.types import Dataset
 
 N = 16
@@ -37,24 +35,12 @@ CASES: list[tuple[str, dict[str, Any], float | None]] = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """One intra-op thread: these small batches (HSJA queries one image at a time) gain nothing from two, and on a
-    shared, busy 2-core machine two threads make a batch-1 forward pass ~50x slower (measured: 80 ms vs 1.4 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(data_dir: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """A CleverhansCNN trained 1 epoch on 5,000 real training images, and the first N real test images."""
-    data = data_mod.load(Dataset.MNIST, data_dir, download=False)
-    torch.manual_seed(SEED)
-    model = CleverhansCNN(Dataset.MNIST.shape)
-    fit(model, data.train.x, data.train.y, TrainConfig(epochs=1, train_limit=5000), SEED)
-    return model.eval().requires_grad_(False), data.test.x[:N], data.test.y[:N]
+    return weak_mnist_cnn(data_dir, N, SEED)
 
 
 def targets_for(y: torch.Tensor) -> torch.Tensor:

@@ -7,17 +7,16 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import weak_mnist_cnn
 
-from bench import data as data_mod
 from bench.attacks import REGISTRY
 from bench.attacks.base import Runtime
 from bench.bpda import bpda_model
 from bench.errors import SuiteError
 from bench.evaluate import CountingModel, project
 from bench.grid import expand
-from bench.models import CleverhansCNN, DefendedModel
+from bench.models import DefendedModel
 from bench.suite import load_suite
-from bench.train import TrainConfig, fit
 from bench.types import Dataset
 from defenses import REGISTRY as DEFENSES
 
@@ -26,22 +25,12 @@ SEED = 0
 FAMILY = ("apgd_ce", "apgd_dlr", "fab")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(data_dir: Path) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """A CleverhansCNN trained 1 epoch on 5,000 real training images, and the first N real test images."""
-    data = data_mod.load(Dataset.MNIST, data_dir, download=False)
-    torch.manual_seed(SEED)
-    model = CleverhansCNN(Dataset.MNIST.shape)
-    fit(model, data.train.x, data.train.y, TrainConfig(epochs=1, train_limit=5000), SEED)
-    return model.eval().requires_grad_(False), data.test.x[:N], data.test.y[:N]
+    return weak_mnist_cnn(data_dir, N, SEED)
 
 
 def attack(name: str, given: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_suite
 
 from bench import evaluate, perf
 from bench.attacks import _art
@@ -23,7 +24,6 @@ from bench.runner import run
 from bench.settings import Settings
 from bench.suite import load_suite
 from bench.types import Dataset
-from conftest import tiny_suite
 
 # Three defenses on the same weights (none, and squeeze at 1 and 4 bits) sharing one substitute.
 SHARED = """
@@ -42,14 +42,7 @@ epochs = 1
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """One torch thread: small batches on this shared 2-core machine are many times slower with two (see
-    tests/test_attacks.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
