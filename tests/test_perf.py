@@ -51,7 +51,7 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, cache_d
     their clean-correct images, transfer threats every image once per (attack, eps)."""
     tmp = tmp_path_factory.mktemp("shared")
     suite = load_suite(tiny_suite(tmp / "s.toml", n=64, extra=SHARED))
-    ctx = Context(Settings(data_dir=str(data_dir), cache_dir=str(cache_dir)))
+    ctx = Context(Settings(data_dir=str(data_dir), cache_dir=str(cache_dir), reuse_crafted=False))  # counted here
     blackbox = next(c for c in expand(suite) if c.threat == "blackbox")
     ctx.models.cache.remove(blackbox.dataset.value, *ctx.models.artifact("substitute", blackbox))
     crafts: list[str] = []
