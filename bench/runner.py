@@ -3,7 +3,8 @@
 Resume is the default: cells already in ``OUT/cells.jsonl`` (by key) are not recomputed; error records are
 retried. Records of cells that are no longer in the grid (the suite changed), records computed on other weights
 than the model now in the cache (retrained differently) and, with ``--fresh``, all old records are moved to
-``OUT/cells.stale.jsonl``: nothing is deleted. Ctrl-C stops after the current batch. ``bench run --train-only``
+``OUT/cells.stale.jsonl``: nothing is deleted. Records of a model missing from the cache are checked once the run
+has trained it, and computed again in the same run. Ctrl-C stops after the current batch. ``bench run --train-only``
 (:func:`train_only`) trains the models the cells need and runs none of them.
 """
 
@@ -125,13 +126,11 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
     check_data(cells, driver)
     wanted = {c.key for c in plan_cells}
     chosen_keys = {c.key for c in cells}
+    again_said = "computed again" if only is None else "computed again where --only selects them"
     with ResultsStore(out) as store:
         write_text(out / leaderboard.PLAN, json.dumps({"suite": suite.name, "cells": sorted(wanted)}, indent=0) + "\n")
         records = store.records()
-        done: dict[str, dict[str, Any]] = {}
-        for r in records:
-            if r["cell_id"] in wanted and r.get("error") is None and not (fresh and r["cell_id"] in chosen_keys):
-                done.setdefault(r["cell_id"], r)
+        done = {r["cell_id"]: r for r in _valid(records, wanted - chosen_keys if fresh else wanted)}
         by_key = {c.key: c for c in plan_cells}
         retrained = _on_other_weights(list(done.values()), by_key, driver)
         for r in retrained:
@@ -143,17 +142,11 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
             if outdated:
                 warnings.warn(f"{outdated} records in {store.path} are not part of this suite's grid (settings "
                               f"changed?); moved to cells.stale.jsonl", stacklevel=2)
-            _warn_retrained(retrained, store.path, "computed again" if only is None else
-                            "computed again where --only selects them")
+            _warn_retrained(retrained, store.path, again_said)
         pending = [c for c in cells if c.key not in done]
         if fresh:
             _forget_models(pending, driver)
         summary = RunSummary(total=len(cells), resumed=len(cells) - len(pending))
-        by_compute = {r["compute_id"]: r for r in done.values()}
-        twins: dict[str, list[Cell]] = {}
-        for cell in pending:
-            twins.setdefault(cell.compute_key, []).append(cell)
-        to_compute = [group[0] for key, group in twins.items() if key not in by_compute]
         bar = progress_bar(total=len(cells), initial=summary.resumed, desc=suite.name, unit="cell",
                            disable=not progress)
 
@@ -167,31 +160,70 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
                 tqdm.write(f"cell failed: {summary.errors[-1]}", file=sys.stderr)
 
         chosen = executor or LocalExecutor(driver)
+
+        def started(cell: Cell) -> None:
+            bar.set_postfix_str(cell.describe())
+
         try:
-            for key, source in by_compute.items():
-                for twin in twins.get(key, []):
-                    finish(same_as(source, twin))
             with _ctrl_c_stops(stop):
-                for record in chosen.run(to_compute, settings, stop, lambda c: bar.set_postfix_str(c.describe())):
-                    for twin in twins[record["compute_id"]]:
-                        finish(record if twin.key == record["cell_id"] else same_as(record, twin))
+                _compute(pending, list(done.values()), chosen, settings, stop, finish, started)
+                again = {r["cell_id"] for r in _drop_retrained(store, by_key, driver, again_said)}
+                pending = [c for c in cells if c.key in again]  # their models were not cached before this run
+                if pending:
+                    summary.resumed -= len(pending)
+                    bar.n -= len(pending)
+                    _compute(pending, _valid(store.records(), wanted), chosen, settings, stop, finish, started)
         except (Interrupted, KeyboardInterrupt):
             summary.interrupted = True
+            _drop_retrained(store, by_key, driver, "run again to compute them")
         finally:
             bar.close()
         all_records = store.records()
-        retrained = _on_other_weights([r for r in all_records if r["cell_id"] in by_key and r.get("error") is None],
-                                      by_key, driver)
-        if retrained:
-            moved = {id(r) for r in retrained}
-            all_records = [r for r in all_records if id(r) not in moved]
-            store.rewrite(all_records, retrained)
-            _warn_retrained(retrained, store.path, "run again to compute them")
     leaderboard.write(out, all_records)
     if not summary.interrupted:
         _defense_plots(cells, driver, out / "plots")
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _valid(records: list[dict[str, Any]], cells: set[str]) -> list[dict[str, Any]]:
+    """The first error-free record of each cell in ``cells``."""
+    first: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["cell_id"] in cells and r.get("error") is None:
+            first.setdefault(r["cell_id"], r)
+    return list(first.values())
+
+
+def _compute(pending: list[Cell], done: list[dict[str, Any]], executor: Executor, settings: Settings, stop: Event,
+             finish: Callable[[dict[str, Any]], None], started: Callable[[Cell], None]) -> None:
+    """Compute ``pending`` and ``finish`` each record: a cell whose computation a record in ``done`` or an earlier
+    cell of ``pending`` already did (same ``compute_key``) gets a copy of that record instead."""
+    by_compute = {r["compute_id"]: r for r in done}
+    twins: dict[str, list[Cell]] = {}
+    for cell in pending:
+        twins.setdefault(cell.compute_key, []).append(cell)
+    for key, source in by_compute.items():
+        for twin in twins.get(key, []):
+            finish(same_as(source, twin))
+    to_compute = [group[0] for key, group in twins.items() if key not in by_compute]
+    for record in executor.run(to_compute, settings, stop, started):
+        for twin in twins[record["compute_id"]]:
+            finish(record if twin.key == record["cell_id"] else same_as(record, twin))
+
+
+def _drop_retrained(store: ResultsStore, cells: dict[str, Cell], ctx: Context, then: str) -> list[dict[str, Any]]:
+    """Move the records of ``cells`` computed on other weights than the cached models to cells.stale.jsonl (said
+    in a warning ending ``then``) and return them: a run that trained a model its stored records predate finds
+    them only after training it."""
+    records = store.records()
+    retrained = _on_other_weights([r for r in records if r["cell_id"] in cells and r.get("error") is None], cells,
+                                  ctx)
+    if retrained:
+        moved = {id(r) for r in retrained}
+        store.rewrite([r for r in records if id(r) not in moved], retrained)
+        _warn_retrained(retrained, store.path, then)
+    return retrained
 
 
 def _on_other_weights(records: list[dict[str, Any]], cells: dict[str, Cell], ctx: Context) -> list[dict[str, Any]]:
