@@ -132,9 +132,6 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
         records = store.records()
         done = {r["cell_id"]: r for r in _valid(records, wanted - chosen_keys if fresh else wanted)}
         by_key = {c.key: c for c in plan_cells}
-        retrained = _on_other_weights(list(done.values()), by_key, driver)
-        for r in retrained:
-            del done[r["cell_id"]]
         stale = [r for r in records if done.get(r["cell_id"]) is not r]
         if stale:
             store.rewrite(list(done.values()), stale)
@@ -142,7 +139,8 @@ def run(suite: Suite, out: Path, settings: Settings, *, limit: int | None = None
             if outdated:
                 warnings.warn(f"{outdated} records in {store.path} are not part of this suite's grid (settings "
                               f"changed?); moved to cells.stale.jsonl", stacklevel=2)
-            _warn_retrained(retrained, store.path, again_said)
+        for r in _drop_retrained(store, by_key, driver, again_said):  # the store holds exactly ``done`` now
+            del done[r["cell_id"]]
         pending = [c for c in cells if c.key not in done]
         if fresh:
             _forget_models(pending, driver)
